@@ -1,0 +1,181 @@
+"""ADM / improved-diffusion style UNet eps-prediction network in flax.linen.
+
+Pure-functional use::
+
+  model = UNet(channels=3, ch=128, ch_mult=(1, 2, 2, 2), ...)
+  params = model.init(key, x, t)          # x: [B, H, W, C] float, t: [B] integer timesteps
+  eps = model.apply(params, x, t)          # eval mode: deterministic
+  eps = model.apply(params, x, t, train=True, rngs={'dropout': key})
+
+GroupNorm only (no BatchNorm): a sample's output never depends on the rest of its batch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+  """Sinusoidal embedding of timesteps t [B] (int or float) -> [B, dim] float32."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None]
+  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+_zero_init = nn.initializers.zeros
+
+
+class ResBlock(nn.Module):
+  """GroupNorm-SiLU-conv residual block with a scale-shift timestep modulation."""
+  out_ch: int
+  dropout: float
+  num_groups: int
+
+  @nn.compact
+  def __call__(self, x, emb, train: bool):
+    h = nn.silu(nn.GroupNorm(self.num_groups, name='norm1')(x))
+    h = nn.Conv(self.out_ch, (3, 3), name='conv1')(h)
+    scale_shift = nn.Dense(2 * self.out_ch, name='emb')(nn.silu(emb))[:, None, None, :]
+    scale, shift = jnp.split(scale_shift, 2, axis=-1)
+    h = nn.GroupNorm(self.num_groups, name='norm2')(h) * (1 + scale) + shift
+    h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
+    h = nn.Conv(self.out_ch, (3, 3), kernel_init=_zero_init, name='conv2')(h)
+    if x.shape[-1] != self.out_ch:
+      x = nn.Conv(self.out_ch, (1, 1), name='skip')(x)
+    return x + h
+
+
+class AttnBlock(nn.Module):
+  """Multi-head self-attention over the spatial positions, residual, zero-initialised output."""
+  num_heads: int
+  num_groups: int
+
+  @nn.compact
+  def __call__(self, x):
+    b, h, w, c = x.shape
+    if c % self.num_heads:
+      raise ValueError(f'Attention width {c} is not divisible by num_heads={self.num_heads}.')
+    y = nn.GroupNorm(self.num_groups, name='norm')(x).reshape(b, h * w, c)
+    qkv = nn.Dense(3 * c, name='qkv')(y).reshape(b, h * w, 3, self.num_heads, c // self.num_heads)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    y = jax.nn.dot_product_attention(q, k, v).reshape(b, h * w, c)
+    y = nn.Dense(c, kernel_init=_zero_init, name='proj')(y)
+    return x + y.reshape(b, h, w, c)
+
+
+class UNet(nn.Module):
+  """eps_theta(x_t, t): the ADM UNet.
+
+  Attributes:
+    channels: image channels (1 or 3); the output has the same shape as the input.
+    ch: base width.
+    ch_mult: width multiplier per resolution level; len(ch_mult) - 1 downsamplings.
+    num_res_blocks: residual blocks per level.
+    attn_resolutions: spatial sizes (height) at which self-attention is applied.
+    num_heads: attention heads.
+    dropout: dropout rate inside residual blocks (active only with train=True).
+    num_groups: GroupNorm groups.
+  """
+  channels: int = 3
+  ch: int = 128
+  ch_mult: Sequence[int] = (1, 2, 2, 2)
+  num_res_blocks: int = 3
+  attn_resolutions: Sequence[int] = (16, 8)
+  num_heads: int = 4
+  dropout: float = 0.0
+  num_groups: int = 32
+
+  @property
+  def downsample_factor(self) -> int:
+    return 2 ** (len(self.ch_mult) - 1)
+
+  def check_input(self, x: jax.Array, t: jax.Array) -> None:
+    """Raises ValueError with a remedy when x [B, H, W, C] / t [B] do not fit this network."""
+    if x.ndim != 4:
+      raise ValueError(f'UNet expects images [B, H, W, C], got shape {x.shape}.')
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f'UNet expects float images in [-1, 1], got dtype {x.dtype}; '
+                       'convert with x.astype(jnp.float32) / 127.5 - 1.')
+    if x.shape[-1] != self.channels:
+      raise ValueError(f'UNet was built for {self.channels} channel(s), got {x.shape[-1]} '
+                       f'(image shape {x.shape}); convert gray <-> RGB first.')
+    f = self.downsample_factor
+    if x.shape[1] % f or x.shape[2] % f:
+      raise ValueError(f'Image size {x.shape[1]}x{x.shape[2]} is not divisible by the '
+                       f'downsampling factor {f} of ch_mult={tuple(self.ch_mult)}; resize the '
+                       'images or change config.model.ch_mult.')
+    if jnp.ndim(t) != 1 or t.shape[0] != x.shape[0]:
+      raise ValueError(f'Timesteps must have shape [B]=[{x.shape[0]}], got {jnp.shape(t)}.')
+
+  @nn.compact
+  def __call__(self, x: jax.Array, t: jax.Array, train: bool = False) -> jax.Array:
+    """Predicts the noise eps [B, H, W, C] of x_t [B, H, W, C] at timesteps t [B]."""
+    self.check_input(x, t)
+    emb_dim = 4 * self.ch
+    emb = timestep_embedding(t, self.ch)
+    emb = nn.Dense(emb_dim, name='temb_dense0')(emb)
+    emb = nn.Dense(emb_dim, name='temb_dense1')(nn.silu(emb))
+
+    res_kw = dict(dropout=self.dropout, num_groups=self.num_groups)
+    attn_kw = dict(num_heads=self.num_heads, num_groups=self.num_groups)
+    h = nn.Conv(self.ch, (3, 3), name='conv_in')(x)
+    skips = [h]
+    for level, mult in enumerate(self.ch_mult):
+      for i in range(self.num_res_blocks):
+        h = ResBlock(self.ch * mult, name=f'down_{level}_res_{i}', **res_kw)(h, emb, train)
+        if h.shape[1] in self.attn_resolutions:
+          h = AttnBlock(name=f'down_{level}_attn_{i}', **attn_kw)(h)
+        skips.append(h)
+      if level != len(self.ch_mult) - 1:
+        h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2), name=f'down_{level}_downsample')(h)
+        skips.append(h)
+
+    h = ResBlock(h.shape[-1], name='mid_res_0', **res_kw)(h, emb, train)
+    h = AttnBlock(name='mid_attn', **attn_kw)(h)
+    h = ResBlock(h.shape[-1], name='mid_res_1', **res_kw)(h, emb, train)
+
+    for level, mult in reversed(list(enumerate(self.ch_mult))):
+      for i in range(self.num_res_blocks + 1):
+        h = jnp.concatenate([h, skips.pop()], axis=-1)
+        h = ResBlock(self.ch * mult, name=f'up_{level}_res_{i}', **res_kw)(h, emb, train)
+        if h.shape[1] in self.attn_resolutions:
+          h = AttnBlock(name=f'up_{level}_attn_{i}', **attn_kw)(h)
+      if level != 0:
+        b, hh, ww, c = h.shape
+        h = jax.image.resize(h, (b, 2 * hh, 2 * ww, c), method='nearest')
+        h = nn.Conv(c, (3, 3), name=f'up_{level}_upsample')(h)
+    assert not skips
+
+    h = nn.silu(nn.GroupNorm(self.num_groups, name='norm_out')(h))
+    return nn.Conv(self.channels, (3, 3), kernel_init=_zero_init, name='conv_out')(h)
+
+
+def build_model(config: ml_collections.ConfigDict) -> UNet:
+  """Builds the UNet described by ``config.model`` for ``config.data.channels`` channels."""
+  m = config.model
+  if config.data.channels not in (1, 3):
+    raise ValueError(f'config.data.channels must be 1 or 3, got {config.data.channels}.')
+  return UNet(channels=config.data.channels, ch=m.ch, ch_mult=tuple(m.ch_mult),
+              num_res_blocks=m.num_res_blocks, attn_resolutions=tuple(m.attn_resolutions),
+              num_heads=m.num_heads, dropout=m.dropout, num_groups=m.num_groups)
+
+
+def init_params(model: UNet, key: jax.Array, image_size: int):
+  """Initialises parameters for [1, image_size, image_size, channels] inputs."""
+  x = jnp.zeros((1, image_size, image_size, model.channels), jnp.float32)
+  return model.init(key, x, jnp.zeros((1,), jnp.int32))
+
+
+def param_count(params) -> int:
+  """Total number of scalars in a parameter pytree."""
+  return sum(int(p.size) for p in jax.tree.leaves(params))
