@@ -1,0 +1,282 @@
+"""The zero-shot OOD suite: features of every set, detectors fitted on ID train, metrics.
+
+For each ID set of ``config.eval.id_datasets`` and each feature kind of ``config.eval.feature_kinds``:
+fit a detector on the features of ``num_fit`` ID-train images, score ``num_test`` ID-test images
+and ``num_test`` test images of every other set of ``config.eval.ood_datasets``, and report
+AUROC / FPR95 / AUPR. The DDM is never retrained; only the small detector sees ID data.
+
+Features are cached per (checkpoint step, dataset, split, count, scorer settings) under
+``workdir/features``, so a re-run or a new detector costs no network evaluation.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from typing import Any
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+
+from ddm_ood import checkpoint
+from ddm_ood import data
+from ddm_ood import detector
+from ddm_ood import metrics
+from ddm_ood import scorer
+from ddm_ood import sharding
+from ddm_ood import schedule as schedule_lib
+from ddm_ood import unet
+
+# Purpose tag folded into the seed for scoring noise (training uses other tags).
+SCORER_KEY_TAG = 1
+METRIC_NAMES = ('auroc', 'fpr95', 'aupr_in', 'aupr_out')
+
+
+def scorer_key(seed: int) -> jax.Array:
+  """The base key of the trajectory noise; per-image noise is folded in from image ids."""
+  return jax.random.fold_in(jax.random.key(seed), SCORER_KEY_TAG)
+
+
+@dataclasses.dataclass
+class FeatureExtractor:
+  """Compiled feature extraction for one trained model, sharded over all devices.
+
+  Attributes:
+    config: the run's config.
+    params: EMA parameters of the UNet.
+    step: checkpoint step the parameters come from (part of the cache key).
+    cache_dir: folder for cached features ('' disables caching).
+  """
+  config: ml_collections.ConfigDict
+  params: Any
+  step: int
+  cache_dir: str = ''
+
+  def __post_init__(self):
+    self.model = unet.build_model(self.config)
+    self.schedule = schedule_lib.make_schedule(self.config.diffusion.schedule,
+                                               self.config.diffusion.num_timesteps)
+    self.kinds = tuple(self.config.eval.feature_kinds)
+    score_fn = scorer.make_trajectory_scorer(
+        lambda p, x, t: self.model.apply(p, x, t), self.schedule, self.config.scorer, self.kinds)
+    self.mesh = sharding.data_mesh()
+    self._params = sharding.replicate(self.params, self.mesh)
+    self._key = scorer_key(self.config.seed)
+    self._score = jax.jit(score_fn)
+    n_dev = jax.device_count()
+    bs = self.config.scorer.batch_size
+    self.batch_size = -(-bs // n_dev) * n_dev  # a multiple of the device count
+
+  def _cache_path(self, dataset: str, split: str, num: int) -> str:
+    c = self.config
+    settings = dict(scorer=c.scorer.to_dict(), kinds=self.kinds, seed=c.seed,
+                    diffusion=c.diffusion.to_dict(),
+                    data={k: c.data[k] for k in ('image_size', 'channels', 'data_dir',
+                                                 'texture_crops', 'synthetic_examples')})
+    settings['scorer'].pop('batch_size', None)  # results do not depend on it
+    settings['scorer'].pop('chunk', None)
+    digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=list).encode()).hexdigest()
+    safe = ''.join(ch if ch.isalnum() or ch in '-_.' else '_' for ch in dataset)
+    return os.path.join(self.cache_dir, f'step_{self.step:08d}',
+                        f'{safe}__{split}__n{num}__{digest[:12]}.npz')
+
+  def features(self, dataset: str, split: str, num: int) -> dict[str, np.ndarray]:
+    """Features of the first ``num`` images (0 = all) of a dataset split.
+
+    Returns:
+      A flat dict: 'features/<kind>' [N, D], 'per_timestep/<kind>' [N, K, 3],
+      'per_timestep_deriv/<kind>' [N, K-1, 3].
+    """
+    path = self._cache_path(dataset, split, num) if self.cache_dir else ''
+    if path and os.path.exists(path):
+      with np.load(path) as f:
+        return dict(f)
+    images = data.load_images(dataset, split, self.config.data, max_examples=num,
+                              seed=self.config.seed)
+    out = self.features_of(images, label=f'{dataset}/{split}')
+    if path and jax.process_index() == 0:
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      tmp = path + '.tmp.npz'
+      np.savez(tmp, **out)
+      os.replace(tmp, path)
+    return out
+
+  def features_of(self, images: np.ndarray, image_ids: np.ndarray | None = None,
+                  label: str = 'images') -> dict[str, np.ndarray]:
+    """Features of an in-memory array of images [N, H, W, C] in [-1, 1] (ids default 0..N-1)."""
+    scorer.validate_images(images, self.config.data.image_size, self.config.data.channels)
+    n = images.shape[0]
+    ids = np.arange(n, dtype=np.int32) if image_ids is None else np.asarray(image_ids, np.int32)
+    bs = self.batch_size
+    n_hosts, host = jax.process_count(), jax.process_index()
+    local = bs // n_hosts
+    chunks: list[dict[str, np.ndarray]] = []
+    t0 = time.time()
+    for start in range(0, n, bs):
+      x, mask = sharding.pad_to_multiple(images[start:start + bs], bs)
+      i, _ = sharding.pad_to_multiple(ids[start:start + bs], bs)
+      rows = slice(host * local, (host + 1) * local)
+      xg = sharding.global_batch_from_local(x[rows], self.mesh)
+      ig = sharding.global_batch_from_local(i[rows], self.mesh)
+      out = self._score(self._params, xg, ig, self._key)
+      flat = _flatten(out)
+      chunks.append({k: sharding.to_host(v)[mask] for k, v in flat.items()})
+      done = min(start + bs, n)
+      if done == n or (start // bs) % 10 == 9:
+        dt = time.time() - t0
+        logging.info('features %s: %d/%d images, %.1f images/s', label, done, n, done / dt)
+    return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+
+
+def _flatten(out: dict) -> dict[str, jax.Array]:
+  """{'features': {kind: a}, ...} -> {'features/kind': a, ...}."""
+  flat = {}
+  for group, per_kind in out.items():
+    for kind, value in per_kind.items():
+      flat[f'{group}/{kind}'] = value
+  return flat
+
+
+def _per_timestep_auroc(fit: np.ndarray, id_test: np.ndarray, ood_test: np.ndarray,
+                        seed: int) -> list[float]:
+  """AUROC of a one-Gaussian detector on the 3 power sums of each timestep ([N, K, 3] inputs)."""
+  cfg = ml_collections.ConfigDict(dict(n_components=(1,), covariance_types=('full',),
+                                       cv_folds=2, kde_bandwidth=1.0, max_iter=100,
+                                       reg_covar=1e-6))
+  out = []
+  for k in range(fit.shape[1]):
+    det = detector.fit_detector(fit[:, k], cfg, seed=seed)
+    s_id = np.asarray(detector.anomaly_score(det.params, id_test[:, k]))
+    s_ood = np.asarray(detector.anomaly_score(det.params, ood_test[:, k]))
+    out.append(float(metrics.auroc(s_id, s_ood)))
+  return out
+
+
+def run_suite(config: ml_collections.ConfigDict, workdir: str, *,
+              print_table: bool = False, make_report: bool = True) -> dict:
+  """Runs the OOD suite on the latest checkpoint of ``workdir`` and writes the results.
+
+  Writes ``workdir/eval/results.json``, ``results.csv``, ``results.md``, ``scores.npz`` and the
+  fitted detectors (``workdir/eval/detectors/<id>__<kind>.npz``), then the report
+  (``workdir/report.md`` and plots) when ``make_report``.
+
+  Returns:
+    The results dict (as in results.json).
+  """
+  t_start = time.time()
+  workdir = os.path.abspath(workdir)
+  ev = config.eval
+  unknown = set(ev.feature_kinds) - set(scorer.FEATURE_KINDS)
+  if unknown:
+    raise ValueError(f'Unknown feature kind(s) {sorted(unknown)} in config.eval.feature_kinds; '
+                     f'choose from {scorer.FEATURE_KINDS}.')
+  for name in tuple(ev.id_datasets) + tuple(ev.ood_datasets):
+    data.check_source_name(name)
+  for name in tuple(ev.id_datasets) + tuple(ev.ood_datasets):
+    if name.startswith('folder:'):  # user folders fail here, before any long computation
+      data.load_images(name, 'test', config.data, max_examples=ev.num_test, seed=config.seed)
+  params, step = checkpoint.restore_ema_params(workdir, config)
+  logging.info('Evaluating checkpoint step %d of %s', step, workdir)
+  out_dir = os.path.join(workdir, 'eval')
+  os.makedirs(os.path.join(out_dir, 'detectors'), exist_ok=True)
+  extractor = FeatureExtractor(config, params, step, cache_dir=os.path.join(workdir, 'features'))
+
+  rows, scores, detectors_info = [], {}, {}
+  for id_name in ev.id_datasets:
+    fit = extractor.features(id_name, 'train', ev.num_fit)
+    id_test = extractor.features(id_name, 'test', ev.num_test)
+    detectors_info[id_name] = {}
+    for kind in ev.feature_kinds:
+      det = detector.fit_detector(fit[f'features/{kind}'], config.detector, seed=config.seed)
+      detector.save_detector(det, os.path.join(out_dir, 'detectors', f'{_safe(id_name)}__{kind}.npz'))
+      detectors_info[id_name][kind] = det.info
+      s_id = np.asarray(detector.anomaly_score(det.params, id_test[f'features/{kind}']))
+      scores[f'{id_name}|{kind}|id'] = s_id
+      for ood_name in ev.ood_datasets:
+        if ood_name == id_name:
+          continue
+        ood = extractor.features(ood_name, 'test', ev.num_test)
+        s_ood = np.asarray(detector.anomaly_score(det.params, ood[f'features/{kind}']))
+        scores[f'{id_name}|{kind}|{ood_name}'] = s_ood
+        row = dict(id=id_name, ood=ood_name, kind=kind, **metrics.ood_metrics(s_id, s_ood))
+        key = f'per_timestep/{kind}'
+        if key in fit:
+          row['per_timestep_auroc'] = _per_timestep_auroc(fit[key], id_test[key], ood[key],
+                                                          config.seed)
+        rows.append(row)
+        logging.info('%s vs %s [%s]: AUROC %.4f FPR95 %.4f', id_name, ood_name, kind,
+                     row['auroc'], row['fpr95'])
+
+  averages = {}
+  for kind in ev.feature_kinds:
+    sel = [r for r in rows if r['kind'] == kind]
+    if sel:
+      averages[kind] = {m: float(np.mean([r[m] for r in sel])) for m in METRIC_NAMES}
+  results = dict(
+      checkpoint_step=int(step), workdir=workdir,
+      timesteps=schedule_lib.scorer_timesteps(config.diffusion.num_timesteps,
+                                              config.scorer.num_steps).tolist(),
+      wall_time_s=time.time() - t_start, num_devices=jax.device_count(),
+      backend=jax.default_backend(), rows=rows, averages=averages,
+      detectors=detectors_info, config=json.loads(config.to_json_best_effort()))
+  if jax.process_index() == 0:
+    _write_results(results, scores, out_dir)
+  table = results_table(results)
+  if print_table:
+    print(table, flush=True)
+  if make_report and jax.process_index() == 0:
+    from ddm_ood import report  # matplotlib is only needed here
+    report.write_report(config, workdir, results, scores, extractor)
+  return results
+
+
+def _safe(name: str) -> str:
+  return ''.join(ch if ch.isalnum() or ch in '-_.' else '_' for ch in name)
+
+
+def results_table(results: dict) -> str:
+  """Markdown table: one row per (ID, OOD) pair, AUROC / FPR95 columns per feature kind."""
+  kinds = list(dict.fromkeys(r['kind'] for r in results['rows']))
+  pairs = list(dict.fromkeys((r['id'], r['ood']) for r in results['rows']))
+  by = {(r['id'], r['ood'], r['kind']): r for r in results['rows']}
+  head = '| ID | OOD | ' + ' | '.join(f'{k} AUROC | {k} FPR95' for k in kinds) + ' |'
+  lines = [head, '|' + '---|' * (2 + 2 * len(kinds))]
+  for id_name, ood_name in pairs:
+    cells = []
+    for k in kinds:
+      r = by.get((id_name, ood_name, k))
+      cells += [f"{r['auroc']:.4f}", f"{r['fpr95']:.4f}"] if r else ['', '']
+    lines.append(f'| {id_name} | {ood_name} | ' + ' | '.join(cells) + ' |')
+  avg = results['averages']
+  cells = []
+  for k in kinds:
+    cells += [f"{avg[k]['auroc']:.4f}", f"{avg[k]['fpr95']:.4f}"]
+  lines.append('| **average** | | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def _write_results(results: dict, scores: dict, out_dir: str) -> None:
+  def atomic(path, write):
+    tmp = path + '.tmp'
+    with open(tmp, 'w', newline='') as f:
+      write(f)
+    os.replace(tmp, path)
+
+  atomic(os.path.join(out_dir, 'results.json'), lambda f: json.dump(results, f, indent=1))
+  def write_csv(f):
+    w = csv.writer(f)
+    w.writerow(['id', 'ood', 'kind', *METRIC_NAMES, 'n_id', 'n_ood'])
+    for r in results['rows']:
+      w.writerow([r['id'], r['ood'], r['kind'], *(f'{r[m]:.6f}' for m in METRIC_NAMES),
+                  r['n_id'], r['n_ood']])
+  atomic(os.path.join(out_dir, 'results.csv'), write_csv)
+  atomic(os.path.join(out_dir, 'results.md'), lambda f: f.write(results_table(results) + '\n'))
+  tmp = os.path.join(out_dir, 'scores.tmp.npz')
+  np.savez(tmp, **scores)
+  os.replace(tmp, os.path.join(out_dir, 'scores.npz'))

@@ -1,0 +1,226 @@
+"""The human-readable report of an evaluation: ``workdir/report.md`` and PNG plots.
+
+Plots (``workdir/plots/``): ROC curves per ID set, ID vs OOD score histograms, per-timestep AUROC,
+example inputs with their SSIM and weighted error maps, the EMA sample grid, the training loss.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import time
+
+import matplotlib
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import numpy as np
+
+from ddm_ood import data
+from ddm_ood import metrics
+from ddm_ood import scorer
+
+SEED_METHOD = 'stein_ssim'
+BASELINES = ('stein', 'diffpath_6d', 'diffpath_1d', 'eps_ssim')
+
+
+def _grid(n: int, max_cols: int = 4):
+  cols = min(n, max_cols)
+  rows = -(-n // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.2 * rows), squeeze=False)
+  for ax in axes.flat[n:]:
+    ax.axis('off')
+  return fig, axes.flat
+
+
+def _save(fig, path: str) -> str:
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+  return path
+
+
+def _pairs(results):
+  return list(dict.fromkeys((r['id'], r['ood']) for r in results['rows']))
+
+
+def plot_roc(results, scores, id_name: str, path: str) -> str:
+  """ROC curves (OOD positive) of every feature kind, one panel per OOD set of ``id_name``."""
+  oods = [o for i, o in _pairs(results) if i == id_name]
+  kinds = list(dict.fromkeys(r['kind'] for r in results['rows']))
+  fig, axes = _grid(len(oods))
+  for ax, ood in zip(axes, oods):
+    for kind in kinds:
+      s_id, s_ood = scores[f'{id_name}|{kind}|id'], scores[f'{id_name}|{kind}|{ood}']
+      fpr, tpr = metrics.roc_curve_points(s_id, s_ood)
+      ax.plot(fpr, tpr, label=f'{kind} ({metrics.auroc(s_id, s_ood):.3f})')
+    ax.plot([0, 1], [0, 1], 'k:', lw=0.8)
+    ax.set(title=f'{id_name} vs {ood}', xlabel='FPR', ylabel='TPR')
+    ax.legend(fontsize=7, loc='lower right')
+  return _save(fig, path)
+
+
+def plot_histograms(results, scores, id_name: str, kind: str, path: str) -> str:
+  """Histograms of ID-test vs OOD-test anomaly scores of one feature kind."""
+  oods = [o for i, o in _pairs(results) if i == id_name]
+  fig, axes = _grid(len(oods))
+  s_id = scores[f'{id_name}|{kind}|id']
+  for ax, ood in zip(axes, oods):
+    s_ood = scores[f'{id_name}|{kind}|{ood}']
+    both = np.concatenate([s_id, s_ood])
+    lo, hi = np.percentile(both, [0.5, 99.5])
+    bins = np.linspace(lo, hi if hi > lo else lo + 1, 50)
+    ax.hist(np.clip(s_id, lo, hi), bins, alpha=0.6, density=True, label=f'ID {id_name}')
+    ax.hist(np.clip(s_ood, lo, hi), bins, alpha=0.6, density=True, label=f'OOD {ood}')
+    ax.set(title=f'{kind}: {id_name} vs {ood}', xlabel='anomaly score (-log p)')
+    ax.legend(fontsize=7)
+  return _save(fig, path)
+
+
+def plot_per_timestep(results, kind: str, path: str) -> str:
+  """Per-timestep AUROC (one-Gaussian detector on each timestep's power sums)."""
+  ids = list(dict.fromkeys(r['id'] for r in results['rows']))
+  fig, axes = _grid(len(ids), max_cols=3)
+  ts = results['timesteps']
+  for ax, id_name in zip(axes, ids):
+    for r in results['rows']:
+      if r['id'] == id_name and r['kind'] == kind and 'per_timestep_auroc' in r:
+        ax.plot(ts, r['per_timestep_auroc'], marker='o', ms=3, label=r['ood'])
+    ax.axhline(0.5, color='k', ls=':', lw=0.8)
+    ax.set(title=f'{kind}, ID {id_name}', xlabel='timestep t_k', ylabel='AUROC', ylim=(0, 1.02))
+    ax.legend(fontsize=7)
+  return _save(fig, path)
+
+
+def plot_examples(config, extractor, datasets, path: str, num: int) -> str:
+  """Example inputs with x0hat, the SSIM map and the weighted Stein error at a middle timestep."""
+  k = config.scorer.num_steps // 2
+  rows = []
+  for name in datasets:
+    images = data.load_images(name, 'test', config.data, max_examples=num, seed=config.seed)
+    maps = scorer.trajectory_maps(extractor.model.apply, extractor.schedule, config.scorer,
+                                  extractor.params, images, np.arange(len(images), dtype=np.int32),
+                                  extractor._key)  # pylint: disable=protected-access
+    for j in range(len(images)):
+      rows.append((name, images[j], {m: np.asarray(maps[m][j, k]) for m in
+                                     ('x0hat', 'ssim', 'weighted_error')}))
+  fig, axes = plt.subplots(len(rows), 4, figsize=(8, 2.1 * len(rows)), squeeze=False)
+  for (name, img, m), ax in zip(rows, axes):
+    def show(a, x, title, **kw):
+      a.imshow(x.mean(-1) if x.shape[-1] == 1 or kw.pop('gray', False) else x, **kw)
+      a.set_title(title, fontsize=7)
+      a.axis('off')
+    show(ax[0], np.clip((img + 1) / 2, 0, 1), f'{name}', cmap='gray', vmin=0, vmax=1)
+    show(ax[1], np.clip((m['x0hat'] + 1) / 2, 0, 1), 'x0hat', cmap='gray', vmin=0, vmax=1)
+    show(ax[2], m['ssim'], 'SSIM map', cmap='viridis', vmin=-1, vmax=1, gray=True)
+    w = np.abs(m['weighted_error'])
+    show(ax[3], w, '|weighted error|', cmap='magma', gray=True)
+  fig.suptitle(f'timestep index k={k}', fontsize=9)
+  return _save(fig, path)
+
+
+def plot_loss(workdir: str, path: str) -> str | None:
+  """Training loss curve from ``workdir/metrics.jsonl`` (None when there is none)."""
+  f = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(f):
+    return None
+  recs = [json.loads(line) for line in open(f) if line.strip()]
+  recs = [r for r in recs if 'loss' in r]
+  if not recs:
+    return None
+  fig, ax = plt.subplots(figsize=(6, 3.5))
+  ax.plot([r['step'] for r in recs], [r['loss'] for r in recs])
+  ax.set(xlabel='step', ylabel='eps MSE loss', yscale='log', title='training loss')
+  return _save(fig, path)
+
+
+def seed_vs_baselines(results) -> list[str]:
+  """Lines naming every pair on which the seed method does not beat the best baseline."""
+  by = {(r['id'], r['ood'], r['kind']): r['auroc'] for r in results['rows']}
+  lines = []
+  for id_name, ood in _pairs(results):
+    seed = by.get((id_name, ood, SEED_METHOD))
+    base = {k: by[(id_name, ood, k)] for k in BASELINES if (id_name, ood, k) in by}
+    if seed is None or not base:
+      continue
+    best = max(base, key=base.get)
+    if seed < base[best]:
+      lines.append(f'- {id_name} vs {ood}: {SEED_METHOD} {seed:.4f} < {best} {base[best]:.4f}')
+  return lines
+
+
+def write_report(config, workdir: str, results: dict, scores: dict, extractor) -> str:
+  """Writes ``workdir/report.md`` and its plots; returns the report path."""
+  from ddm_ood import evaluate  # the table format lives with the results
+  plots = os.path.join(workdir, 'plots')
+  os.makedirs(plots, exist_ok=True)
+  ids = list(dict.fromkeys(r['id'] for r in results['rows']))
+  kinds = list(dict.fromkeys(r['kind'] for r in results['rows']))
+  main_kind = SEED_METHOD if SEED_METHOD in kinds else kinds[0]
+  figs = []
+  for id_name in ids:
+    safe = evaluate._safe(id_name)  # pylint: disable=protected-access
+    figs.append((f'ROC curves, ID {id_name}', plot_roc(results, scores, id_name,
+                                                        os.path.join(plots, f'roc_{safe}.png'))))
+    figs.append((f'Anomaly-score histograms ({main_kind}), ID {id_name}',
+                 plot_histograms(results, scores, id_name, main_kind,
+                                 os.path.join(plots, f'hist_{safe}.png'))))
+  if any('per_timestep_auroc' in r for r in results['rows']):
+    figs.append((f'Per-timestep AUROC ({main_kind})',
+                 plot_per_timestep(results, main_kind, os.path.join(plots, 'per_timestep_auroc.png'))))
+  example_sets = list(dict.fromkeys(list(config.eval.id_datasets[:1]) +
+                                    list(config.eval.ood_datasets)))[:4]
+  figs.append(('Example inputs, denoised estimates, SSIM maps and weighted Stein errors',
+               plot_examples(config, extractor, example_sets, os.path.join(plots, 'examples.png'),
+                             config.eval.num_examples_plot)))
+  samples = sorted(glob.glob(os.path.join(workdir, 'samples', '*.png')))
+  if samples:
+    figs.append(('EMA samples (DDIM)', shutil.copyfile(samples[-1],
+                                                         os.path.join(plots, 'samples.png'))))
+  loss = plot_loss(workdir, os.path.join(plots, 'loss_curve.png'))
+  if loss:
+    figs.append(('Training loss', loss))
+
+  train_time = None
+  mfile = os.path.join(workdir, 'metrics.jsonl')
+  if os.path.exists(mfile):
+    recs = [json.loads(line) for line in open(mfile) if line.strip()]
+    times = [r.get('wall_time_s') for r in recs if r.get('wall_time_s') is not None]
+    train_time = max(times) if times else None
+  not_better = seed_vs_baselines(results)
+  avg = results['averages']
+  lines = [
+      '# ddm_ood report', '',
+      f'- workdir: `{workdir}`',
+      f'- checkpoint step: {results["checkpoint_step"]}',
+      f'- training wall time: {train_time:.0f} s' if train_time else '- training wall time: n/a',
+      f'- evaluation wall time: {results["wall_time_s"]:.0f} s '
+      f'({results["backend"]}, {results["num_devices"]} device(s))',
+      f'- written: {time.strftime("%Y-%m-%d %H:%M:%S")}',
+      f'- base DDM trained on `{config.data.dataset}` at {config.data.image_size}x'
+      f'{config.data.image_size}x{config.data.channels}; {config.diffusion.schedule} schedule, '
+      f'T = {config.diffusion.num_timesteps}',
+      f'- scorer: mode `{config.scorer.mode}`, K = {config.scorer.num_steps} timesteps '
+      f'{results["timesteps"]}, noise `{config.scorer.noise}`, draws {config.scorer.num_draws}, '
+      f'SSIM pair `{config.scorer.ssim_pair}`, weight `{config.scorer.ssim_weight}`, '
+      f'scale_by_sigma {config.scorer.scale_by_sigma}',
+      f'- detector fitted on {config.eval.num_fit or "all"} ID-train images per set; '
+      f'{config.eval.num_test or "all"} test images per set; grid n_components '
+      f'{list(config.detector.n_components)} x {list(config.detector.covariance_types)}',
+      '', '## Results (AUROC higher is better, FPR95 lower is better; OOD = positive)', '',
+      evaluate.results_table(results), '',
+      '## Averages over the suite', '',
+      '| method | AUROC | FPR95 | AUPR-In | AUPR-Out |', '|---|---|---|---|---|',
+      *[f'| {k} | {v["auroc"]:.4f} | {v["fpr95"]:.4f} | {v["aupr_in"]:.4f} | '
+        f'{v["aupr_out"]:.4f} |' for k, v in avg.items()],
+      '', f'## Where the seed method ({SEED_METHOD}) does not beat the best baseline', '',
+      *(not_better or ['- none: it is best or tied on every pair.']),
+      '', '## Plots', '']
+  for title, path in figs:
+    lines += [f'### {title}', '', f'![{title}](plots/{os.path.basename(path)})', '']
+  out = os.path.join(workdir, 'report.md')
+  with open(out + '.tmp', 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  os.replace(out + '.tmp', out)
+  return out

@@ -1,0 +1,130 @@
+"""End to end on the tiny config: train a few steps, run the OOD suite, check every output."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, 'configs', 'tiny.py')
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+  """A tiny run of the whole job (train + evaluate) through the CLI, as a user runs it."""
+  wd = str(tmp_path_factory.mktemp('run'))
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  cmd = [sys.executable, '-m', 'ddm_ood.main', f'--config={TINY}', f'--workdir={wd}',
+         '--config.eval.ood_datasets=("mnist","noise_gaussian","fashion_mnist")']
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert '| **average** |' in proc.stdout  # the result table is printed
+  return wd
+
+
+def test_result_files(workdir):
+  ev = os.path.join(workdir, 'eval')
+  for f in ('results.json', 'results.csv', 'results.md', 'scores.npz'):
+    assert os.path.getsize(os.path.join(ev, f)) > 100, f
+  res = json.load(open(os.path.join(ev, 'results.json')))
+  kinds = set(r['kind'] for r in res['rows'])
+  assert kinds == {'stein_ssim', 'stein', 'diffpath_6d', 'diffpath_1d'}
+  pairs = set((r['id'], r['ood']) for r in res['rows'])
+  assert pairs == {('fashion_mnist', 'mnist'), ('fashion_mnist', 'noise_gaussian')}
+  for r in res['rows']:
+    assert 0.0 <= r['auroc'] <= 1.0 and 0.0 <= r['fpr95'] <= 1.0
+    assert len(r['per_timestep_auroc']) == res['config']['scorer']['num_steps'] or \
+        r['kind'] == 'diffpath_1d'
+  # The table in the report equals results.json.
+  report = open(os.path.join(workdir, 'report.md')).read()
+  for r in res['rows']:
+    line = [l for l in report.splitlines() if l.startswith(f"| {r['id']} | {r['ood']} |")]
+    assert len(line) == 1
+    assert f"{r['auroc']:.4f}" in line[0] and f"{r['fpr95']:.4f}" in line[0]
+  csv_lines = open(os.path.join(ev, 'results.csv')).read().splitlines()
+  assert len(csv_lines) == 1 + len(res['rows'])
+
+
+def test_plots_exist_and_are_nontrivial(workdir):
+  plots = os.path.join(workdir, 'plots')
+  expected = ['roc_fashion_mnist.png', 'hist_fashion_mnist.png', 'per_timestep_auroc.png',
+              'examples.png', 'samples.png', 'loss_curve.png']
+  from PIL import Image
+  for f in expected:
+    path = os.path.join(plots, f)
+    assert os.path.getsize(path) > 5000, f
+    img = np.asarray(Image.open(path).convert('L'), np.float32)
+    assert img.std() > 5, f'{f} looks blank'
+    assert f'plots/{f}' in open(os.path.join(workdir, 'report.md')).read()
+
+
+def test_features_are_cached(workdir):
+  from ddm_ood import api
+  from ddm_ood import evaluate
+  cache = os.path.join(workdir, 'features')
+  files = [os.path.join(d, f) for d, _, fs in os.walk(cache) for f in fs]
+  assert files
+  before = {f: os.path.getmtime(f) for f in files}
+  config = api.load_config(workdir)
+  res = evaluate.run_suite(config, workdir, make_report=False)
+  assert {f: os.path.getmtime(f) for f in files} == before  # read back, not recomputed
+  old = json.load(open(os.path.join(workdir, 'eval', 'results.json')))
+  assert [r['auroc'] for r in res['rows']] == [r['auroc'] for r in old['rows']]
+
+
+def test_embedded_api_matches_suite_scores(workdir):
+  from ddm_ood import api
+  from ddm_ood import data
+  ood = api.load_anomaly_scorer(workdir, kind='stein_ssim')
+  config = ood.config
+  images = data.load_images('fashion_mnist', 'test', config.data,
+                            max_examples=config.eval.num_test, seed=config.seed)
+  scores = ood(images)
+  saved = np.load(os.path.join(workdir, 'eval', 'scores.npz'))['fashion_mnist|stein_ssim|id']
+  np.testing.assert_allclose(scores, saved, rtol=1e-4, atol=1e-4)
+  # The pure function embeds in a user's own jit.
+  f = jax.jit(api.make_anomaly_fn(ood.apply_fn, ood.schedule, config.scorer, 'stein_ssim'))
+  ids = np.arange(5, dtype=np.int32)
+  s = f(ood.unet_params, ood.detector_params, images[:5], ids, ood.key)
+  np.testing.assert_allclose(np.asarray(s), saved[:5], rtol=1e-4, atol=1e-4)
+
+
+def test_api_bad_input(workdir):
+  from ddm_ood import api
+  ood = api.load_anomaly_scorer(workdir)
+  s = ood.config.data.image_size
+  with pytest.raises(ValueError, match='rank|shape'):
+    ood(np.zeros((s, s, 1), np.float32))
+  with pytest.raises(ValueError, match='channel'):
+    ood(np.zeros((2, s, s, 3), np.float32))
+  with pytest.raises(ValueError, match='size'):
+    ood(np.zeros((2, s + 4, s + 4, 1), np.float32))
+  with pytest.raises(ValueError, match='dtype|float'):
+    ood(np.zeros((2, s, s, 1), np.uint8))
+  bad = np.zeros((2, s, s, 1), np.float32)
+  bad[1, 0, 0, 0] = np.nan
+  with pytest.raises(ValueError, match='NaN'):
+    ood(bad)
+  with pytest.raises(FileNotFoundError, match='detector'):
+    api.load_anomaly_scorer(workdir, id_dataset='textures')
+
+
+def test_evaluate_rejects_bad_suite(workdir, tmp_path):
+  from ddm_ood import api
+  from ddm_ood import data
+  from ddm_ood import evaluate
+  config = api.load_config(workdir)
+  config.eval.ood_datasets = ('no_such_set',)
+  with pytest.raises(data.DataError, match='no_such_set'):
+    evaluate.run_suite(config, workdir, make_report=False)
+  config.eval.ood_datasets = (f'folder:{tmp_path}',)  # exists, but holds no image
+  with pytest.raises(data.DataError, match='image'):
+    evaluate.run_suite(config, workdir, make_report=False)
+  config.eval.ood_datasets = ('mnist',)
+  config.eval.feature_kinds = ('stein_ssim', 'magic')
+  with pytest.raises(ValueError, match='magic'):
+    evaluate.run_suite(config, workdir, make_report=False)
