@@ -43,6 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
   train.num_steps = 1000
   train.learning_rate = 1e-3
   train.warmup_steps = 100
+  train.lr_schedule = 'constant'   # after warmup: 'constant' or 'cosine' (decay to 0 at num_steps)
   train.weight_decay = 0.0
   train.grad_clip = 1.0
   train.ema_decay = 0.999
@@ -52,6 +53,8 @@ def get_config() -> ml_collections.ConfigDict:
   train.sample_every = 0           # 0 = only at the end of training.
   train.num_samples = 64           # Images in the EMA sample grid.
   train.sample_steps = 50          # DDIM steps for the sample grid.
+  train.debug_sleep_per_step = 0.0 # Seconds slept after each step (tests interrupt runs with it).
+  train.debug_nan_step = -1        # >= 0: make that step's loss NaN (tests the NaN guard).
 
   # ---------------------------------------------------------------- trajectory scorer
   config.scorer = scorer = ml_collections.ConfigDict()

@@ -5,6 +5,8 @@
   python -m ddm_ood.main --config=configs/tiny.py --workdir=DIR --mode=evaluate --config.train.num_steps=10
 """
 
+import os
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -24,7 +26,9 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   from ddm_ood import sharding
   sharding.maybe_initialize_distributed()
-  config, workdir = _CONFIG.value, _WORKDIR.value
+  config, workdir = _CONFIG.value, os.path.abspath(_WORKDIR.value)
+  from ddm_ood import api
+  api.save_config(config, workdir)
   if _MODE.value in ('train', 'all'):
     from ddm_ood import train
     train.train_and_evaluate(config, workdir)

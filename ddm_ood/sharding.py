@@ -15,8 +15,14 @@ DATA_AXIS = 'data'
 
 
 def data_mesh() -> jax.sharding.Mesh:
-  """A 1-D mesh named 'data' over all global devices."""
-  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,))
+  """A 1-D mesh named 'data' over all global devices.
+
+  The axis type is Auto (GSPMD propagation): recent JAX makes `jax.make_mesh` default to
+  Explicit axes, under which e.g. flax's Dropout mask (replicated) cannot be combined with a
+  batch-sharded activation.
+  """
+  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,),
+                       axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:

@@ -1,0 +1,62 @@
+"""A tiny configuration for tests: a few-thousand-parameter UNet on 16x16 gray images.
+
+  python -m ddm_ood.main --config=configs/tiny.py --workdir=/tmp/tiny
+"""
+
+import importlib.util
+import os
+
+
+def _default_config():
+  """configs/default.py's get_config(), loaded by path so any cwd works (config_flags too)."""
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'default.py')
+  spec = importlib.util.spec_from_file_location('ddm_ood_configs_default', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def get_config():
+  """Returns the tiny test configuration."""
+  config = _default_config()
+  config.data.dataset = 'fashion_mnist'
+  config.data.image_size = 16
+  config.data.channels = 1
+  config.data.max_train_examples = 64
+  config.data.texture_crops = 32
+  config.data.synthetic_examples = 32
+
+  config.model.ch = 8
+  config.model.ch_mult = (1, 2)
+  config.model.num_res_blocks = 1
+  config.model.attn_resolutions = (8,)
+  config.model.num_heads = 2
+  config.model.dropout = 0.1
+  config.model.num_groups = 4
+
+  config.diffusion.num_timesteps = 100
+
+  tc = config.train
+  tc.batch_size = 8
+  tc.num_steps = 4
+  tc.learning_rate = 1e-3
+  tc.warmup_steps = 2
+  tc.log_every = 1
+  tc.checkpoint_every = 2
+  tc.keep_checkpoints = 3
+  tc.sample_every = 0
+  tc.num_samples = 4
+  tc.sample_steps = 3
+
+  config.scorer.batch_size = 16
+  config.scorer.num_steps = 4
+
+  config.detector.n_components = (1, 2)
+  config.detector.covariance_types = ('diag', 'full')
+  config.detector.cv_folds = 2
+  config.detector.max_iter = 50
+
+  config.eval.num_fit = 64
+  config.eval.num_test = 32
+  config.eval.num_examples_plot = 2
+  return config

@@ -1,0 +1,146 @@
+"""Orbax checkpoints of the training state in ``workdir/checkpoints``.
+
+A checkpoint at step ``s`` holds two items:
+
+* ``state``: the `train.TrainState` pytree (step, params, ema_params, opt_state, key); the RNG
+  key is stored as ``jax.random.key_data`` (uint32), so it serialises like any array.
+* ``meta``: JSON with the data position (epoch, index of the next batch), the step and the
+  config, for humans and for resuming the exact data stream.
+
+Orbax writes each step into a temporary directory and renames it when complete, so a process
+killed mid-save (SIGKILL, preemption) leaves the previous checkpoint usable. Saving is
+asynchronous: call ``manager.wait_until_finished()`` before the process exits. Every process of a
+multi-host job calls the same functions; Orbax coordinates the writes.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+CHECKPOINT_DIR = 'checkpoints'
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+  """Raised when a workdir holds no finished checkpoint."""
+
+
+def checkpoint_dir(workdir: str) -> str:
+  """Absolute path of the checkpoint directory of ``workdir``."""
+  return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+
+
+def make_manager(workdir: str, keep: int = 3, *, read_only: bool = False) -> ocp.CheckpointManager:
+  """A `CheckpointManager` at ``workdir/checkpoints`` keeping the ``keep`` newest steps.
+
+  Args:
+    workdir: run directory (created if missing, unless ``read_only``).
+    keep: number of checkpoints kept (older ones are deleted after each save).
+    read_only: open an existing directory without creating or deleting anything.
+  """
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=not read_only, read_only=read_only,
+      cleanup_tmp_directories=not read_only)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
+  """Starts an (asynchronous) save of ``state`` and the JSON-able ``meta`` at ``step``.
+
+  The device-to-host copy finishes before this returns, so ``state``'s buffers may be donated to
+  the next train step right away. ``force=True``: the caller decides when to save.
+  """
+  manager.save(int(step), args=ocp.args.Composite(
+      state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+
+
+def _restore_args(abstract_tree: Any) -> Any:
+  return ocp.checkpoint_utils.construct_restore_args(abstract_tree)
+
+
+def restore_latest(manager: ocp.CheckpointManager,
+                   abstract_state: Any) -> tuple[Any, dict] | None:
+  """Restores the newest checkpoint of ``manager``.
+
+  Args:
+    manager: from `make_manager`.
+    abstract_state: pytree of `jax.ShapeDtypeStruct` (with ``sharding``) shaped like the saved
+      state, e.g. ``jax.eval_shape(create_state, ...)`` with shardings attached.
+
+  Returns:
+    ``(state, meta)``, or None when the directory holds no finished checkpoint.
+  """
+  step = manager.latest_step()
+  if step is None:
+    return None
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(item=abstract_state,
+                                   restore_args=_restore_args(abstract_state)),
+      meta=ocp.args.JsonRestore()))
+  return restored.state, dict(restored.meta)
+
+
+def latest_step(workdir: str) -> int | None:
+  """Step of the newest finished checkpoint in ``workdir``, or None if there is none."""
+  if not os.path.isdir(checkpoint_dir(workdir)):
+    return None
+  manager = make_manager(workdir, read_only=True)
+  try:
+    return manager.latest_step()
+  finally:
+    manager.close()
+
+
+def restore_ema_params(workdir: str, config: ml_collections.ConfigDict,
+                       mesh: jax.sharding.Mesh | None = None) -> tuple[Any, int]:
+  """Restores only the EMA parameters of the newest checkpoint (all that scoring needs).
+
+  The optimizer state and raw parameters are not read. The target structure comes from
+  ``jax.eval_shape`` of the network's init, so nothing is allocated twice.
+
+  Args:
+    workdir: run directory that `train.train_and_evaluate` wrote.
+    config: the run's config (``config.model`` / ``config.data`` define the network).
+    mesh: mesh the parameters are replicated on (default: `sharding.data_mesh()`).
+
+  Returns:
+    ``(ema_params, step)``: the flax variables dict ``{'params': ...}`` and the checkpoint step.
+
+  Raises:
+    CheckpointNotFoundError: if ``workdir`` has no finished checkpoint.
+  """
+  from ddm_ood import sharding
+  from ddm_ood import unet
+
+  step = latest_step(workdir)
+  if step is None:
+    raise CheckpointNotFoundError(
+        f'no checkpoint in {checkpoint_dir(workdir)}: train first with --mode=train')
+  mesh = mesh or sharding.data_mesh()
+  replicated = sharding.replicated_sharding(mesh)
+  model = unet.build_model(config)
+  shapes = jax.eval_shape(
+      lambda k: unet.init_params(model, k, config.data.image_size), jax.random.key(0))
+  abstract = jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
+  manager = make_manager(workdir, read_only=True)
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item={'ema_params': abstract},
+                                     restore_args={'ema_params': _restore_args(abstract)},
+                                     partial_restore=True)))
+  except (ValueError, KeyError) as e:
+    raise ValueError(
+        f'Checkpoint {step} in {checkpoint_dir(workdir)} does not match the network of this '
+        f'config (config.model / config.data.image_size / channels): {e}') from e
+  finally:
+    manager.close()
+  return restored.state['ema_params'], int(step)
+
+
+__all__ = ['CheckpointNotFoundError', 'checkpoint_dir', 'make_manager', 'save',
+           'restore_latest', 'latest_step', 'restore_ema_params']
