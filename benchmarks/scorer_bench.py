@@ -1,0 +1,233 @@
+"""Throughput of the compiled trajectory scorer vs a peer-style per-timestep loop (prints one JSON).
+
+  python benchmarks/scorer_bench.py [--config=configs/fashion_mnist.py] [--batches=64,256]
+
+* ``scorer``: ``jax.jit(make_trajectory_scorer(...))``, forward mode, 'stein_ssim', K = 10: all K
+  timesteps in one network call, SSIM and power sums on device, only [B, 6] + [B, K, 3] returned.
+* ``peer_loop``: one jitted network call per timestep, ``np.asarray`` after each (host round trip),
+  SSIM (skimage, per image) and power sums in numpy.
+* achieved FLOP/s of the scorer (XLA cost analysis / wall time) vs the measured float32 matmul
+  FLOP/s (jitted 2048 x 2048 and numpy), and the UNet forward (64 x 28 x 28 x 1) under several
+  XLA CPU flags, each run in a fresh subprocess, checked for equal outputs.
+
+Not a test: timings depend on the machine and its load (reported as ``loadavg``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def load_config(path):
+  spec = importlib.util.spec_from_file_location('bench_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def random_params(model, image_size, seed=0):
+  """Random parameters with every layer non-zero (flax zero-initialises conv_out)."""
+  from ddm_ood.unet import init_params
+  shapes = jax.eval_shape(lambda k: init_params(model, k, image_size), jax.random.key(0))
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name = jax.tree_util.keystr(path)
+    z = rng.standard_normal(leaf.shape).astype(np.float32)
+    if name.endswith("['kernel']"):
+      return jnp.asarray(z / np.sqrt(np.prod(leaf.shape[:-1])))
+    return jnp.asarray((1.0 if name.endswith("['scale']") else 0.0) + 0.1 * z)
+
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def real_images(n, size, channels):
+  import skimage.data
+  cam = skimage.data.camera().astype(np.float32) / 127.5 - 1
+  g = 512 // size
+  tiles = cam[:g * size, :g * size].reshape(g, size, g, size).swapaxes(1, 2).reshape(-1, size, size)
+  tiles = np.concatenate([tiles, -tiles, tiles[:, ::-1]])[:n]
+  return np.repeat(tiles[..., None], channels, axis=-1)
+
+
+def timed(fn, reps):
+  fn()  # warm
+  t = time.perf_counter()
+  for _ in range(reps):
+    out = fn()
+  return (time.perf_counter() - t) / reps, out
+
+
+def flops_of(compiled):
+  ca = compiled.cost_analysis()
+  if isinstance(ca, (list, tuple)):
+    ca = ca[0]
+  return float(ca.get('flops', float('nan')))
+
+
+def peer_loop(apply_jit, params, schedule, scfg, images, ids, key):
+  """Peer style: a jitted network call per timestep, host round trip, numpy SSIM/features."""
+  from skimage.metrics import structural_similarity
+  from ddm_ood.schedule import scorer_timesteps
+  ts = scorer_timesteps(schedule.num_timesteps, scfg.num_steps)
+  sa, sg = np.asarray(schedule.sqrt_alphas_cumprod), np.asarray(schedule.sigmas)
+  eps = np.stack([np.asarray(jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, i), 0),
+                                               images.shape[1:])) for i in ids])
+  maps = []
+  for t in ts:
+    x_t = sa[t] * images + sg[t] * eps
+    eps_th = np.asarray(apply_jit(params, x_t, np.full(len(images), t, np.int32)))
+    x0hat = np.clip((x_t - sg[t] * eps_th) / sa[t], -1, 1)
+    ssim = np.stack([structural_similarity(a, b, gaussian_weights=True, sigma=1.5,
+                                           use_sample_covariance=False, data_range=2.0,
+                                           full=True, channel_axis=-1)[1]
+                     for a, b in zip(images, x0hat)])
+    maps.append((1 - ssim) * (eps_th - eps))
+  v = np.stack(maps, 1)
+  ps = lambda u: np.stack([(u ** p).sum((-3, -2, -1)) for p in (1, 2, 3)], -1)  # noqa: E731
+  return np.concatenate([ps(v).sum(1), ps(len(ts) * np.diff(v, axis=1)).sum(1)], -1)
+
+
+def unet_child(config_path, out_npy):
+  """Times the UNet forward at 64 x S x S x C in this process's XLA flags; saves the output."""
+  from ddm_ood.unet import build_model
+  cfg = load_config(config_path)
+  model = build_model(cfg)
+  params = random_params(model, cfg.data.image_size)
+  x = real_images(64, cfg.data.image_size, cfg.data.channels)
+  t = (np.arange(64) * 15).astype(np.int32)
+  f = jax.jit(lambda p, x, t: model.apply(p, x, t))
+  t0 = time.perf_counter()
+  compiled = f.lower(params, x, t).compile()
+  compile_s = time.perf_counter() - t0
+  sec, out = timed(lambda: jax.block_until_ready(compiled(params, x, t)), 5)
+  np.save(out_npy, np.asarray(out))
+  print(json.dumps({'sec': sec, 'compile_s': compile_s, 'gflop': flops_of(compiled) / 1e9,
+                    'gflops_per_s': flops_of(compiled) / sec / 1e9}))
+
+
+def conv_probe():
+  """One 3x3 conv at [64, 28, 28, 16] -> 16 channels: lax.conv vs im2col + matmul."""
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((64, 28, 28, 16)), jnp.float32)
+  w = jnp.asarray(np.random.default_rng(1).standard_normal((3, 3, 16, 16)), jnp.float32) / 12
+  dn = ('NHWC', 'HWIO', 'NHWC')
+  conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME',
+                                                           dimension_numbers=dn))
+
+  def im2col(x, w):
+    p = jax.lax.conv_general_dilated_patches(x, (3, 3), (1, 1), 'SAME', dimension_numbers=dn)
+    # patches are ordered (C, kh, kw) on the feature axis
+    return p @ w.transpose(2, 0, 1, 3).reshape(-1, w.shape[-1])
+  im2col = jax.jit(im2col)
+  flop = 2 * 64 * 28 * 28 * 16 * 16 * 9
+  s_conv, a = timed(lambda: jax.block_until_ready(conv(x, w)), 20)
+  s_col, b = timed(lambda: jax.block_until_ready(im2col(x, w)), 20)
+  return {'conv_gflops_per_s': flop / s_conv / 1e9, 'im2col_gflops_per_s': flop / s_col / 1e9,
+          'max_abs_diff': float(jnp.abs(a - b).max())}
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--config', default=os.path.join(ROOT, 'configs', 'fashion_mnist.py'))
+  parser.add_argument('--batches', default='64,256')
+  parser.add_argument('--num_steps', type=int, default=10)
+  parser.add_argument('--skip_flags', action='store_true')
+  parser.add_argument('--unet_child', default='')
+  args = parser.parse_args()
+  if not os.path.exists(args.config):
+    args.config = os.path.join(ROOT, 'configs', 'default.py')
+  if args.unet_child:
+    return unet_child(args.config, args.unet_child)
+
+  from ddm_ood import scorer as scorer_lib
+  from ddm_ood.schedule import make_schedule
+  from ddm_ood.unet import build_model, param_count
+  cfg = load_config(args.config)
+  model = build_model(cfg)
+  params = random_params(model, cfg.data.image_size)
+  schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps)
+  scfg = cfg.scorer
+  scfg.mode, scfg.num_steps, scfg.num_draws, scfg.chunk = 'forward', args.num_steps, 1, 0
+  apply_fn = lambda p, x, t: model.apply(p, x, t)  # noqa: E731
+  apply_jit = jax.jit(apply_fn)
+  score = jax.jit(scorer_lib.make_trajectory_scorer(apply_fn, schedule, scfg, ('stein_ssim',)))
+  key = jax.random.key(0)
+  report = {'config': os.path.relpath(args.config, ROOT), 'params': param_count(params),
+            'K': args.num_steps, 'devices': str(jax.devices()), 'jax': jax.__version__,
+            'cpu_count': os.cpu_count(), 'loadavg_start': os.getloadavg()[0], 'batches': {}}
+
+  for b in [int(v) for v in args.batches.split(',')]:
+    x = real_images(b, cfg.data.image_size, cfg.data.channels)
+    ids = np.arange(b, dtype=np.int32)
+    t0 = time.perf_counter()
+    compiled = score.lower(params, x, ids, key).compile()
+    compile_s = time.perf_counter() - t0
+    reps = 3 if b <= 64 else 1
+    s_scorer, out = timed(lambda: jax.block_until_ready(compiled(params, x, ids, key)), reps)
+    s_peer, peer = timed(lambda: peer_loop(apply_jit, params, schedule, scfg, x, ids, key), 1)
+    flops = flops_of(compiled)
+    ref = np.asarray(out['features']['stein_ssim'])
+    report['batches'][b] = {
+        'scorer_images_per_s': b / s_scorer, 'peer_loop_images_per_s': b / s_peer,
+        'speedup': s_peer / s_scorer, 'scorer_compile_s': compile_s,
+        'scorer_gflop_per_call': flops / 1e9, 'scorer_gflops_per_s': flops / s_scorer / 1e9,
+        'peer_vs_scorer_max_rel_diff': float(np.max(np.abs(peer - ref) /
+                                                    np.abs(ref).max(0))),
+    }
+
+  n = 2048
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
+  mm = jax.jit(lambda a: a @ a)
+  s_mm, _ = timed(lambda: jax.block_until_ready(mm(a)), 5)
+  an = np.asarray(a)
+  s_np, _ = timed(lambda: an @ an, 5)
+  report['matmul_2048_gflops_per_s'] = {'jax': 2 * n ** 3 / s_mm / 1e9,
+                                        'numpy': 2 * n ** 3 / s_np / 1e9}
+  report['conv3x3_probe'] = conv_probe()
+
+  if not args.skip_flags:
+    variants = {
+        'default': '',
+        'no_multi_thread_eigen': '--xla_cpu_multi_thread_eigen=false',
+        'onednn': '--xla_cpu_use_onednn=true',
+        'xnnpack': '--xla_cpu_use_xnnpack=true',
+        'xnn_graph_greedy':
+            '--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY',
+        'no_thunk_runtime': '--xla_cpu_use_thunk_runtime=false',
+    }
+    base = None
+    report['unet_forward_64'] = {}
+    for name, flags in variants.items():
+      out_npy = f'/tmp/scorer_bench_unet_{os.getpid()}_{name}.npy'
+      env = dict(os.environ, XLA_FLAGS=(os.environ.get('XLA_FLAGS', '') + ' ' + flags).strip())
+      proc = subprocess.run([sys.executable, os.path.abspath(__file__), '--config', args.config,
+                             '--unet_child', out_npy], env=env, capture_output=True, text=True)
+      if proc.returncode:
+        report['unet_forward_64'][name] = {'error': proc.stderr.strip().splitlines()[-1][:200]}
+        continue
+      res = json.loads(proc.stdout.strip().splitlines()[-1])
+      y = np.load(out_npy)
+      os.remove(out_npy)
+      base = y if base is None else base
+      res['max_abs_diff_vs_default'] = float(np.abs(y - base).max())
+      report['unet_forward_64'][name] = res
+  report['loadavg_end'] = os.getloadavg()[0]
+  print(json.dumps(report, indent=1))
+
+
+if __name__ == '__main__':
+  main()
