@@ -56,6 +56,8 @@ def get_config():
   config.detector.cv_folds = 2
   config.detector.max_iter = 50
 
+  config.eval.id_datasets = ('fashion_mnist',)
+  config.eval.ood_datasets = ('mnist', 'noise_gaussian')
   config.eval.num_fit = 64
   config.eval.num_test = 32
   config.eval.num_examples_plot = 2

@@ -9,7 +9,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import shutil
 import time
 
 import matplotlib
@@ -107,16 +106,28 @@ def plot_examples(config, extractor, datasets, path: str, num: int) -> str:
                                      ('x0hat', 'ssim', 'weighted_error')}))
   fig, axes = plt.subplots(len(rows), 4, figsize=(8, 2.1 * len(rows)), squeeze=False)
   for (name, img, m), ax in zip(rows, axes):
-    def show(a, x, title, **kw):
-      a.imshow(x.mean(-1) if x.shape[-1] == 1 or kw.pop('gray', False) else x, **kw)
+    def show(a, x, title, rgb=False, **kw):
+      # Images keep their colours; per-pixel maps are averaged over channels.
+      a.imshow(x if rgb and x.shape[-1] == 3 else x.mean(-1), **kw)
       a.set_title(title, fontsize=7)
       a.axis('off')
-    show(ax[0], np.clip((img + 1) / 2, 0, 1), f'{name}', cmap='gray', vmin=0, vmax=1)
-    show(ax[1], np.clip((m['x0hat'] + 1) / 2, 0, 1), 'x0hat', cmap='gray', vmin=0, vmax=1)
-    show(ax[2], m['ssim'], 'SSIM map', cmap='viridis', vmin=-1, vmax=1, gray=True)
-    w = np.abs(m['weighted_error'])
-    show(ax[3], w, '|weighted error|', cmap='magma', gray=True)
+    show(ax[0], np.clip((img + 1) / 2, 0, 1), f'{name}', rgb=True, cmap='gray', vmin=0, vmax=1)
+    show(ax[1], np.clip((m['x0hat'] + 1) / 2, 0, 1), 'x0hat', rgb=True, cmap='gray', vmin=0,
+         vmax=1)
+    show(ax[2], m['ssim'], 'SSIM map', cmap='viridis', vmin=-1, vmax=1)
+    show(ax[3], np.abs(m['weighted_error']), '|weighted error|', cmap='magma')
   fig.suptitle(f'timestep index k={k}', fontsize=9)
+  return _save(fig, path)
+
+
+def plot_samples(grid_png: str, path: str) -> str:
+  """The trainer's latest EMA sample grid, enlarged (nearest neighbour) with its step."""
+  from PIL import Image
+  grid = np.asarray(Image.open(grid_png))
+  fig, ax = plt.subplots(figsize=(6, 6))
+  ax.imshow(grid, cmap='gray', interpolation='nearest')
+  ax.set_title(os.path.basename(grid_png), fontsize=8)
+  ax.axis('off')
   return _save(fig, path)
 
 
@@ -176,8 +187,8 @@ def write_report(config, workdir: str, results: dict, scores: dict, extractor) -
                              config.eval.num_examples_plot)))
   samples = sorted(glob.glob(os.path.join(workdir, 'samples', '*.png')))
   if samples:
-    figs.append(('EMA samples (DDIM)', shutil.copyfile(samples[-1],
-                                                         os.path.join(plots, 'samples.png'))))
+    figs.append(('EMA samples (DDIM)', plot_samples(samples[-1],
+                                                    os.path.join(plots, 'samples.png'))))
   loss = plot_loss(workdir, os.path.join(plots, 'loss_curve.png'))
   if loss:
     figs.append(('Training loss', loss))
