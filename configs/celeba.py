@@ -6,22 +6,12 @@ Needs TFDS-prepared data (see ddm_ood/data.py) and an accelerator:
   python -m ddm_ood.main --config=configs/celeba.py --workdir=gs://.../celeba --mode=train
 """
 
-import importlib.util
-import os
-
-
-def _default_config():
-  """configs/default.py's get_config(), loaded by path so any cwd works (config_flags too)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'default.py')
-  spec = importlib.util.spec_from_file_location('ddm_ood_configs_default', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from ddm_ood import default_config
 
 
 def get_config():
   """Returns the CelebA (paper-scale) configuration."""
-  config = _default_config()
+  config = default_config.get_config()
   config.data.dataset = 'tfds:celeb_a'
   config.data.image_size = 32
   config.data.channels = 3

@@ -26,6 +26,7 @@ import numpy as np
 
 from ddm_ood import checkpoint
 from ddm_ood import detector
+from ddm_ood import evaluate
 from ddm_ood import schedule as schedule_lib
 from ddm_ood import scorer
 from ddm_ood import unet
@@ -121,11 +122,10 @@ def load_anomaly_scorer(workdir: str, id_dataset: str | None = None,
     id_dataset: which in-distribution set's detector to use (default: the first ID set).
     kind: feature kind (default: the seed method, 'stein_ssim').
   """
-  from ddm_ood import evaluate  # for the shared key tag and file naming
   workdir = os.path.abspath(workdir)
   config = load_config(workdir)
   id_dataset = id_dataset or config.eval.id_datasets[0]
-  path = os.path.join(workdir, 'eval', 'detectors', f'{evaluate._safe(id_dataset)}__{kind}.npz')
+  path = evaluate.detector_path(workdir, id_dataset, kind)
   if not os.path.exists(path):
     raise FileNotFoundError(
         f'No fitted detector for ID set {id_dataset!r} and kind {kind!r} at {path}. Run '

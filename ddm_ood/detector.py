@@ -26,7 +26,7 @@ log density still refers to the raw statistic via the Jacobian term). The raw st
 depends on image size and model, so a fixed raw bandwidth may be badly matched to a small model;
 standardising makes the bandwidth scale-free.
 
-Optional config fields read with defaults (not in ``configs/default.py``):
+Config fields (``ddm_ood/default_config.py``; read with these defaults when absent):
 ``det_cfg.kde_standardize`` (bool, default False);
 ``det_cfg.sklearn_threads`` (int, default 1; 0 = leave the BLAS/OpenMP pools alone): the GMM fits
 run under ``threadpoolctl.threadpool_limits(sklearn_threads)``. The matrices are tiny (D ~ 6),

@@ -67,7 +67,7 @@ class FeatureExtractor:
         lambda p, x, t: self.model.apply(p, x, t), self.schedule, self.config.scorer, self.kinds)
     self.mesh = sharding.data_mesh()
     self._params = sharding.replicate(self.params, self.mesh)
-    self._key = scorer_key(self.config.seed)
+    self.key = scorer_key(self.config.seed)
     self._score = jax.jit(score_fn)
     n_dev = jax.device_count()
     bs = self.config.scorer.batch_size
@@ -82,9 +82,8 @@ class FeatureExtractor:
     settings['scorer'].pop('batch_size', None)  # results do not depend on it
     settings['scorer'].pop('chunk', None)
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=list).encode()).hexdigest()
-    safe = ''.join(ch if ch.isalnum() or ch in '-_.' else '_' for ch in dataset)
     return os.path.join(self.cache_dir, f'step_{self.step:08d}',
-                        f'{safe}__{split}__n{num}__{digest[:12]}.npz')
+                        f'{safe_name(dataset)}__{split}__n{num}__{digest[:12]}.npz')
 
   def features(self, dataset: str, split: str, num: int) -> dict[str, np.ndarray]:
     """Features of the first ``num`` images (0 = all) of a dataset split.
@@ -124,7 +123,7 @@ class FeatureExtractor:
       rows = slice(host * local, (host + 1) * local)
       xg = sharding.global_batch_from_local(x[rows], self.mesh)
       ig = sharding.global_batch_from_local(i[rows], self.mesh)
-      out = self._score(self._params, xg, ig, self._key)
+      out = self._score(self._params, xg, ig, self.key)
       flat = _flatten(out)
       chunks.append({k: sharding.to_host(v)[mask] for k, v in flat.items()})
       done = min(start + bs, n)
@@ -194,7 +193,7 @@ def run_suite(config: ml_collections.ConfigDict, workdir: str, *,
     detectors_info[id_name] = {}
     for kind in ev.feature_kinds:
       det = detector.fit_detector(fit[f'features/{kind}'], config.detector, seed=config.seed)
-      detector.save_detector(det, os.path.join(out_dir, 'detectors', f'{_safe(id_name)}__{kind}.npz'))
+      detector.save_detector(det, detector_path(workdir, id_name, kind))
       detectors_info[id_name][kind] = det.info
       s_id = np.asarray(detector.anomaly_score(det.params, id_test[f'features/{kind}']))
       scores[f'{id_name}|{kind}|id'] = s_id
@@ -236,8 +235,14 @@ def run_suite(config: ml_collections.ConfigDict, workdir: str, *,
   return results
 
 
-def _safe(name: str) -> str:
+def safe_name(name: str) -> str:
+  """A dataset name as a file-name component ('folder:/a/b' -> 'folder__a_b')."""
   return ''.join(ch if ch.isalnum() or ch in '-_.' else '_' for ch in name)
+
+
+def detector_path(workdir: str, id_name: str, kind: str) -> str:
+  """Where the evaluate mode saves the detector fitted on ``id_name`` features of ``kind``."""
+  return os.path.join(workdir, 'eval', 'detectors', f'{safe_name(id_name)}__{kind}.npz')
 
 
 def results_table(results: dict) -> str:

@@ -21,7 +21,7 @@ from ddm_ood import metrics
 from ddm_ood import scorer
 
 SEED_METHOD = 'stein_ssim'
-BASELINES = ('stein', 'diffpath_6d', 'diffpath_1d', 'eps_ssim')
+BASELINES = ('stein', 'diffpath_6d', 'diffpath_1d', 'eps_ssim', 'stein_ddim', 'stein_ssim_ddim')
 
 
 def _grid(n: int, max_cols: int = 4):
@@ -100,7 +100,7 @@ def plot_examples(config, extractor, datasets, path: str, num: int) -> str:
     images = data.load_images(name, 'test', config.data, max_examples=num, seed=config.seed)
     maps = scorer.trajectory_maps(extractor.model.apply, extractor.schedule, config.scorer,
                                   extractor.params, images, np.arange(len(images), dtype=np.int32),
-                                  extractor._key)  # pylint: disable=protected-access
+                                  extractor.key)
     for j in range(len(images)):
       rows.append((name, images[j], {m: np.asarray(maps[m][j, k]) for m in
                                      ('x0hat', 'ssim', 'weighted_error')}))
@@ -171,7 +171,7 @@ def write_report(config, workdir: str, results: dict, scores: dict, extractor) -
   main_kind = SEED_METHOD if SEED_METHOD in kinds else kinds[0]
   figs = []
   for id_name in ids:
-    safe = evaluate._safe(id_name)  # pylint: disable=protected-access
+    safe = evaluate.safe_name(id_name)
     figs.append((f'ROC curves, ID {id_name}', plot_roc(results, scores, id_name,
                                                         os.path.join(plots, f'roc_{safe}.png'))))
     figs.append((f'Anomaly-score histograms ({main_kind}), ID {id_name}',
@@ -193,19 +193,20 @@ def write_report(config, workdir: str, results: dict, scores: dict, extractor) -
   if loss:
     figs.append(('Training loss', loss))
 
-  train_time = None
+  train_time = None  # first to last logged step of the metrics file (compilation excluded)
   mfile = os.path.join(workdir, 'metrics.jsonl')
   if os.path.exists(mfile):
-    recs = [json.loads(line) for line in open(mfile) if line.strip()]
-    times = [r.get('wall_time_s') for r in recs if r.get('wall_time_s') is not None]
-    train_time = max(times) if times else None
+    times = [json.loads(line).get('time') for line in open(mfile) if line.strip()]
+    times = [t for t in times if t is not None]
+    train_time = max(times) - min(times) if len(times) > 1 else None
   not_better = seed_vs_baselines(results)
   avg = results['averages']
   lines = [
       '# ddm_ood report', '',
       f'- workdir: `{workdir}`',
       f'- checkpoint step: {results["checkpoint_step"]}',
-      f'- training wall time: {train_time:.0f} s' if train_time else '- training wall time: n/a',
+      f'- training wall time (first to last logged step): {train_time:.0f} s' if train_time
+      else '- training wall time: n/a',
       f'- evaluation wall time: {results["wall_time_s"]:.0f} s '
       f'({results["backend"]}, {results["num_devices"]} device(s))',
       f'- written: {time.strftime("%Y-%m-%d %H:%M:%S")}',

@@ -15,6 +15,8 @@ kind            trajectory  per-timestep map v_k                                
 'eps_ssim'      cfg.mode    w(SSIM_k) * eps_theta_k   (raw network output, never scaled)  6
 'diffpath_6d'   ddim        eps_theta_k                                                  6
 'diffpath_1d'   ddim        sqrt(sum_k <D eps_theta_k>_2)                                1
+'stein_ssim_ddim' ddim      as 'stein_ssim' (the forward-vs-ddim ablation in one run)      6
+'stein_ddim'    ddim        as 'stein'                                                   6
 ==============  ==========  =========================================================  ====
 
 6-D features: ``[sum_k <v_k>_p for p = 1, 2, 3] + [sum_k <D v_k>_p for p = 1, 2, 3]`` with the
@@ -65,8 +67,10 @@ import numpy as np
 from ddm_ood import schedule as schedule_lib
 from ddm_ood.ssim import IMAGE_MAX_VAL, ssim_map
 
-FEATURE_KINDS = ('stein_ssim', 'stein', 'eps_ssim', 'diffpath_6d', 'diffpath_1d')
-FEATURE_DIMS = {'stein_ssim': 6, 'stein': 6, 'eps_ssim': 6, 'diffpath_6d': 6, 'diffpath_1d': 1}
+FEATURE_KINDS = ('stein_ssim', 'stein', 'eps_ssim', 'diffpath_6d', 'diffpath_1d',
+                 'stein_ssim_ddim', 'stein_ddim')
+FEATURE_DIMS = {'stein_ssim': 6, 'stein': 6, 'eps_ssim': 6, 'diffpath_6d': 6, 'diffpath_1d': 1,
+                'stein_ssim_ddim': 6, 'stein_ddim': 6}
 MODES = ('forward', 'ddim')
 NOISES = ('shared', 'independent')
 SSIM_PAIRS = ('x0', 'eps')
@@ -75,6 +79,9 @@ EPS_SSIM_CLIP = 4.0                    # noise maps are clipped to [-4, 4] for S
 EPS_SSIM_MAX_VAL = 2 * EPS_SSIM_CLIP   # ... whose data range is then 8.
 _MODE_KINDS = ('stein_ssim', 'stein', 'eps_ssim')   # follow scorer_cfg.mode
 _DDIM_KINDS = ('diffpath_6d', 'diffpath_1d')        # always on the DDIM path
+# The forward-vs-ddim ablation in one run: these are their base kind on the DDIM path, whatever
+# scorer_cfg.mode says (the DDIM path is computed anyway for the DiffPath baselines).
+_DDIM_VARIANTS = {'stein_ssim_ddim': 'stein_ssim', 'stein_ddim': 'stein'}
 # Tolerance of validate_images for values outside [-1, 1] (resampling filters overshoot a bit).
 RANGE_MARGIN = 0.05
 
@@ -403,6 +410,7 @@ def make_trajectory_scorer(apply_fn: ApplyFn, schedule: schedule_lib.Schedule, s
   chunk = int(scorer_cfg.chunk)
   mode_kinds = [k for k in kinds if k in _MODE_KINDS]
   ddim_kinds = [k for k in kinds if k in _DDIM_KINDS]
+  variant_kinds = [k for k in kinds if k in _DDIM_VARIANTS]
   if mode == 'ddim':   # one DDIM path serves every kind
     ddim_kinds, mode_kinds_ddim, mode_kinds = ddim_kinds, mode_kinds, []
   else:
@@ -414,9 +422,12 @@ def make_trajectory_scorer(apply_fn: ApplyFn, schedule: schedule_lib.Schedule, s
       traj = forward_trajectory(apply_fn, schedule, ts, noise, num_draws, params, x0, image_id,
                                 key)
       results.update(_kind_maps(mode_kinds, traj, x0, scorer_cfg, diffpath=False))
-    if ddim_kinds or mode_kinds_ddim:
+    if ddim_kinds or mode_kinds_ddim or variant_kinds:
       traj = ddim_trajectory(apply_fn, schedule, ts, params, x0)
-      results.update(_kind_maps(mode_kinds_ddim, traj, x0, scorer_cfg, diffpath=False))
+      base = list(dict.fromkeys(mode_kinds_ddim + [_DDIM_VARIANTS[k] for k in variant_kinds]))
+      maps = _kind_maps(base, traj, x0, scorer_cfg, diffpath=False)
+      results.update({k: maps[k] for k in mode_kinds_ddim})
+      results.update({k: maps[_DDIM_VARIANTS[k]] for k in variant_kinds})
       results.update(_kind_maps(ddim_kinds, traj, x0, scorer_cfg, diffpath=True))
     feats, per_t, per_d = {}, {}, {}
     cache = {}

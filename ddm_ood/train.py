@@ -347,7 +347,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   checkpoint; a finished run only makes sure the final sample grid exists.
 
   Args:
-    config: full config (see configs/default.py).
+    config: full config (see ddm_ood/default_config.py).
     workdir: run directory (created).
 
   Returns:

@@ -151,9 +151,8 @@ class UNet(nn.Module):
         if h.shape[1] in self.attn_resolutions:
           h = AttnBlock(name=f'up_{level}_attn_{i}', **attn_kw)(h)
       if level != 0:
-        b, hh, ww, c = h.shape
-        h = jax.image.resize(h, (b, 2 * hh, 2 * ww, c), method='nearest')
-        h = nn.Conv(c, (3, 3), name=f'up_{level}_upsample')(h)
+        h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)  # nearest-neighbour x2
+        h = nn.Conv(h.shape[-1], (3, 3), name=f'up_{level}_upsample')(h)
     assert not skips
 
     h = nn.silu(nn.GroupNorm(self.num_groups, name='norm_out')(h))

@@ -128,3 +128,33 @@ def test_evaluate_rejects_bad_suite(workdir, tmp_path):
   config.eval.feature_kinds = ('stein_ssim', 'magic')
   with pytest.raises(ValueError, match='magic'):
     evaluate.run_suite(config, workdir, make_report=False)
+
+
+def test_main_job_on_embedded_default_at_reduced_size(tmp_path):
+  """README's main-job command on configs/fashion_mnist.py, shrunk by command-line overrides.
+
+  Runs the whole default suite (every ID set, every OOD set, every feature kind) end to end.
+  """
+  config = os.path.join(ROOT, 'configs', 'fashion_mnist.py')
+  overrides = ['--config.model.ch=8', '--config.model.num_groups=4',
+               '--config.train.num_steps=2', '--config.train.batch_size=8',
+               '--config.train.num_samples=4', '--config.train.sample_steps=2',
+               '--config.data.texture_crops=40', '--config.data.synthetic_examples=24',
+               '--config.scorer.num_steps=3', '--config.scorer.batch_size=16',
+               '--config.scorer.chunk=8', '--config.eval.num_fit=40',
+               '--config.eval.num_test=24', '--config.eval.num_examples_plot=1',
+               '--config.detector.n_components=(1,2)',
+               '--config.detector.covariance_types=("diag",)', '--config.detector.cv_folds=2']
+  cmd = [sys.executable, '-m', 'ddm_ood.main', f'--config={config}', f'--workdir={tmp_path}',
+         *overrides]
+  proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'),
+                        capture_output=True, text=True, timeout=1200)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  res = json.load(open(tmp_path / 'eval' / 'results.json'))
+  from configs import fashion_mnist
+  ev = fashion_mnist.get_config().eval
+  expected = {(i, o, k) for i in ev.id_datasets for o in ev.ood_datasets if o != i
+              for k in ev.feature_kinds}
+  assert {(r['id'], r['ood'], r['kind']) for r in res['rows']} == expected
+  assert os.path.exists(tmp_path / 'report.md')
+  assert len(os.listdir(tmp_path / 'plots')) >= 2 * len(ev.id_datasets) + 4

@@ -112,9 +112,9 @@ def reference_scores(cfg, images, image_ids, key, kinds):
       apply_fn(params, jnp.asarray(x[None], jnp.float32), jnp.asarray([ts[k]], jnp.int32))[0],
       np.float64)
 
-  def kind_maps(x0, xs, eps_th, eps_tg):
+  def kind_maps(x0, xs, eps_th, eps_tg, names=None):
     out = {}
-    for kind in [k for k in kinds if not k.startswith('diffpath')]:
+    for kind in names or [k for k in kinds if k in ('stein_ssim', 'stein', 'eps_ssim')]:
       maps = []
       for k in range(K):
         e = eps_th[k] - eps_tg[k]
@@ -162,11 +162,15 @@ def reference_scores(cfg, images, image_ids, key, kinds):
         draws.append(kind_maps(x0, xs, eps_th, eps_tg))
       for kind in mode_kinds:
         res[kind] = [np.mean([d[kind][j] for d in draws], axis=0) for j in range(3)]
-    if [k for k in kinds if k.startswith('diffpath')] or (mode_kinds and cfg.mode == 'ddim'):
+    if [k for k in kinds if k.startswith('diffpath') or k.endswith('_ddim')] or (
+        mode_kinds and cfg.mode == 'ddim'):
       xs, eps_th, eps_tg = ddim(x0)
       if cfg.mode == 'ddim':
         res.update({k: list(v) for k, v in kind_maps(x0, xs, eps_th, eps_tg).items()
                     if k in mode_kinds})
+      for variant, base in (('stein_ssim_ddim', 'stein_ssim'), ('stein_ddim', 'stein')):
+        if variant in kinds:  # the ablation kinds: their base kind on the DDIM path
+          res[variant] = list(kind_maps(x0, xs, eps_th, eps_tg, names=[base])[base])
       f6, per_t, per_d = _ref_power_features(eps_th)
       if 'diffpath_6d' in kinds:
         res['diffpath_6d'] = [f6, per_t, per_d]
