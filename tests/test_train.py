@@ -8,11 +8,7 @@ import signal
 import subprocess
 import sys
 
-from tests import test_train_helpers as h  # pylint: disable=g-bad-import-order
-
-os.environ.setdefault('XLA_FLAGS', h.FAST_XLA)
-
-import jax  # pylint: disable=g-import-not-at-top
+import jax
 import numpy as np
 import pytest
 
@@ -21,10 +17,11 @@ from ddm_ood import sampling
 from ddm_ood import schedule as schedule_lib
 from ddm_ood import train
 from ddm_ood import unet
+from tests import train_helpers as h
 
 _SHARDED_SCRIPT = r'''
 import json, jax, numpy as np
-from tests import test_train_helpers as h
+from tests import train_helpers as h
 from ddm_ood import schedule, sharding, train, unet
 assert jax.device_count() == 4, jax.devices()
 config = h.load_config('tiny')
