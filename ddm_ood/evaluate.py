@@ -142,19 +142,19 @@ def _flatten(out: dict) -> dict[str, jax.Array]:
   return flat
 
 
-def _per_timestep_auroc(fit: np.ndarray, id_test: np.ndarray, ood_test: np.ndarray,
-                        seed: int) -> list[float]:
-  """AUROC of a one-Gaussian detector on the 3 power sums of each timestep ([N, K, 3] inputs)."""
+def _per_timestep_detectors(fit: np.ndarray, seed: int) -> list[detector.DetectorParams]:
+  """One full-covariance Gaussian per timestep on its 3 power sums (fit: [N, K, 3])."""
   cfg = ml_collections.ConfigDict(dict(n_components=(1,), covariance_types=('full',),
                                        cv_folds=2, kde_bandwidth=1.0, max_iter=100,
                                        reg_covar=1e-6))
-  out = []
-  for k in range(fit.shape[1]):
-    det = detector.fit_detector(fit[:, k], cfg, seed=seed)
-    s_id = np.asarray(detector.anomaly_score(det.params, id_test[:, k]))
-    s_ood = np.asarray(detector.anomaly_score(det.params, ood_test[:, k]))
-    out.append(float(metrics.auroc(s_id, s_ood)))
-  return out
+  return [detector.fit_detector(fit[:, k], cfg, seed=seed).params for k in range(fit.shape[1])]
+
+
+def _per_timestep_auroc(dets: list, id_test: np.ndarray, ood_test: np.ndarray) -> list[float]:
+  """AUROC of each timestep's detector on ID-test vs OOD-test power sums ([N, K, 3] inputs)."""
+  return [float(metrics.auroc(np.asarray(detector.anomaly_score(d, id_test[:, k])),
+                              np.asarray(detector.anomaly_score(d, ood_test[:, k]))))
+          for k, d in enumerate(dets)]
 
 
 def run_suite(config: ml_collections.ConfigDict, workdir: str, *,
@@ -197,6 +197,8 @@ def run_suite(config: ml_collections.ConfigDict, workdir: str, *,
       detectors_info[id_name][kind] = det.info
       s_id = np.asarray(detector.anomaly_score(det.params, id_test[f'features/{kind}']))
       scores[f'{id_name}|{kind}|id'] = s_id
+      t_key = f'per_timestep/{kind}'
+      t_dets = _per_timestep_detectors(fit[t_key], config.seed) if t_key in fit else None
       for ood_name in ev.ood_datasets:
         if ood_name == id_name:
           continue
@@ -204,10 +206,8 @@ def run_suite(config: ml_collections.ConfigDict, workdir: str, *,
         s_ood = np.asarray(detector.anomaly_score(det.params, ood[f'features/{kind}']))
         scores[f'{id_name}|{kind}|{ood_name}'] = s_ood
         row = dict(id=id_name, ood=ood_name, kind=kind, **metrics.ood_metrics(s_id, s_ood))
-        key = f'per_timestep/{kind}'
-        if key in fit:
-          row['per_timestep_auroc'] = _per_timestep_auroc(fit[key], id_test[key], ood[key],
-                                                          config.seed)
+        if t_dets is not None:
+          row['per_timestep_auroc'] = _per_timestep_auroc(t_dets, id_test[t_key], ood[t_key])
         rows.append(row)
         logging.info('%s vs %s [%s]: AUROC %.4f FPR95 %.4f', id_name, ood_name, kind,
                      row['auroc'], row['fpr95'])
