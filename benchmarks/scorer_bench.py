@@ -39,22 +39,6 @@ def load_config(path):
   return module.get_config()
 
 
-def random_params(model, image_size, seed=0):
-  """Random parameters with every layer non-zero (flax zero-initialises conv_out)."""
-  from ddm_ood.unet import init_params
-  shapes = jax.eval_shape(lambda k: init_params(model, k, image_size), jax.random.key(0))
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name = jax.tree_util.keystr(path)
-    z = rng.standard_normal(leaf.shape).astype(np.float32)
-    if name.endswith("['kernel']"):
-      return jnp.asarray(z / np.sqrt(np.prod(leaf.shape[:-1])))
-    return jnp.asarray((1.0 if name.endswith("['scale']") else 0.0) + 0.1 * z)
-
-  return jax.tree_util.tree_map_with_path(draw, shapes)
-
-
 def real_images(n, size, channels):
   import skimage.data
   cam = skimage.data.camera().astype(np.float32) / 127.5 - 1
@@ -104,7 +88,7 @@ def peer_loop(apply_jit, params, schedule, scfg, images, ids, key):
 
 def unet_child(config_path, out_npy):
   """Times the UNet forward at 64 x S x S x C in this process's XLA flags; saves the output."""
-  from ddm_ood.unet import build_model
+  from ddm_ood.unet import build_model, random_params
   cfg = load_config(config_path)
   model = build_model(cfg)
   params = random_params(model, cfg.data.image_size)
@@ -155,7 +139,7 @@ def main():
 
   from ddm_ood import scorer as scorer_lib
   from ddm_ood.schedule import make_schedule
-  from ddm_ood.unet import build_model, param_count
+  from ddm_ood.unet import build_model, param_count, random_params
   cfg = load_config(args.config)
   model = build_model(cfg)
   params = random_params(model, cfg.data.image_size)

@@ -28,7 +28,7 @@ from skimage.metrics import structural_similarity
 from configs.default import get_config
 from ddm_ood import schedule as schedule_lib
 from ddm_ood import scorer as scorer_lib
-from ddm_ood.unet import UNet, init_params
+from ddm_ood.unet import UNet, random_params
 
 T = 100
 K = 4
@@ -45,20 +45,8 @@ def setup():
   """(apply_fn, params, schedule, images [80, 16, 16, 1] in [-1, 1]); deterministic."""
   model = UNet(channels=1, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
                num_heads=2, dropout=0.0, num_groups=4)
-  # Random init in numpy (jitting flax's init costs more compile time than all the tests). Every
-  # layer gets non-zero weights, including conv_out and the residual branches' last convs that
-  # flax's init would zero, so eps_theta is a non-trivial function of (x_t, t).
-  shapes = jax.eval_shape(lambda k: init_params(model, k, SIZE), jax.random.key(0))
-  rng = np.random.default_rng(0)
-
-  def draw(path, leaf):
-    name = jax.tree_util.keystr(path)
-    z = rng.standard_normal(leaf.shape).astype(np.float32)
-    if name.endswith("['kernel']"):
-      return jnp.asarray(z / np.sqrt(np.prod(leaf.shape[:-1])))
-    return jnp.asarray((1.0 if name.endswith("['scale']") else 0.0) + 0.1 * z)
-
-  params = jax.tree_util.tree_map_with_path(draw, shapes)
+  # Random init in numpy (jitting flax's init costs more compile time than all the tests).
+  params = random_params(model, SIZE)
   apply_fn = lambda p, x, t: model.apply(p, x, t)  # noqa: E731
   cam = skimage.data.camera()[::4, ::4].astype(np.float32) / 127.5 - 1       # 128 x 128
   coins = skimage.data.coins()[:256:4, :320:4].astype(np.float32) / 127.5 - 1  # 64 x 80
