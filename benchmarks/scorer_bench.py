@@ -146,6 +146,7 @@ def main():
   schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps)
   scfg = cfg.scorer
   scfg.mode, scfg.num_steps, scfg.num_draws, scfg.chunk = 'forward', args.num_steps, 1, 0
+  scfg.t_min = 0   # the whole grid: K network evaluations per image
   apply_fn = lambda p, x, t: model.apply(p, x, t)  # noqa: E731
   apply_jit = jax.jit(apply_fn)
   score = jax.jit(scorer_lib.make_trajectory_scorer(apply_fn, schedule, scfg, ('stein_ssim',)))

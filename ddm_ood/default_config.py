@@ -60,6 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.scorer = scorer = ml_collections.ConfigDict()
   scorer.mode = 'forward'          # 'forward' (all timesteps at once) or 'ddim' (DDIM inversion scan).
   scorer.num_steps = 10            # K timesteps t_k = k * T / K, k = 0..K-1.
+  scorer.t_min = 0                 # Seed kinds use only the grid points t_k >= t_min (baselines all).
   scorer.noise = 'shared'          # 'shared' (one eps per image and draw) or 'independent' (per t_k).
   scorer.num_draws = 1             # R noise draws, averaged (forward mode).
   scorer.ssim_pair = 'x0'          # 'x0': SSIM(x0, x0hat_k); 'eps': SSIM(eps_theta, eps).

@@ -89,8 +89,8 @@ class FeatureExtractor:
     """Features of the first ``num`` images (0 = all) of a dataset split.
 
     Returns:
-      A flat dict: 'features/<kind>' [N, D], 'per_timestep/<kind>' [N, K, 3],
-      'per_timestep_deriv/<kind>' [N, K-1, 3].
+      A flat dict: 'features/<kind>' [N, D], 'per_timestep/<kind>' [N, K_kind, 3],
+      'per_timestep_deriv/<kind>' [N, K_kind - 1, 3] (`scorer.kind_timesteps`).
     """
     path = self._cache_path(dataset, split, num) if self.cache_dir else ''
     if path and os.path.exists(path):
@@ -221,6 +221,8 @@ def run_suite(config: ml_collections.ConfigDict, workdir: str, *,
       checkpoint_step=int(step), workdir=workdir,
       timesteps=schedule_lib.scorer_timesteps(config.diffusion.num_timesteps,
                                               config.scorer.num_steps).tolist(),
+      kind_timesteps={kind: scorer.kind_timesteps(config.diffusion.num_timesteps, config.scorer,
+                                                  kind).tolist() for kind in ev.feature_kinds},
       wall_time_s=time.time() - t_start, num_devices=jax.device_count(),
       backend=jax.default_backend(), rows=rows, averages=averages,
       detectors=detectors_info, config=json.loads(config.to_json_best_effort()))

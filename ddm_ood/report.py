@@ -81,7 +81,7 @@ def plot_per_timestep(results, kind: str, path: str) -> str:
   """Per-timestep AUROC (one-Gaussian detector on each timestep's power sums)."""
   ids = list(dict.fromkeys(r['id'] for r in results['rows']))
   fig, axes = _grid(len(ids), max_cols=3)
-  ts = results['timesteps']
+  ts = results.get('kind_timesteps', {}).get(kind, results['timesteps'])
   for ax, id_name in zip(axes, ids):
     for r in results['rows']:
       if r['id'] == id_name and r['kind'] == kind and 'per_timestep_auroc' in r:
@@ -94,13 +94,14 @@ def plot_per_timestep(results, kind: str, path: str) -> str:
 
 def plot_examples(config, extractor, datasets, path: str, num: int) -> str:
   """Example inputs with x0hat, the SSIM map and the weighted Stein error at a middle timestep."""
-  k = config.scorer.num_steps // 2
-  rows = []
+  rows, t_mid = [], None
   for name in datasets:
     images = data.load_images(name, 'test', config.data, max_examples=num, seed=config.seed)
     maps = scorer.trajectory_maps(extractor.model.apply, extractor.schedule, config.scorer,
                                   extractor.params, images, np.arange(len(images), dtype=np.int32),
                                   extractor.key)
+    k = len(maps['timesteps']) // 2   # a middle timestep of the seed method's window
+    t_mid = int(maps['timesteps'][k])
     for j in range(len(images)):
       rows.append((name, images[j], {m: np.asarray(maps[m][j, k]) for m in
                                      ('x0hat', 'ssim', 'weighted_error')}))
@@ -116,7 +117,7 @@ def plot_examples(config, extractor, datasets, path: str, num: int) -> str:
          vmax=1)
     show(ax[2], m['ssim'], 'SSIM map', cmap='viridis', vmin=-1, vmax=1)
     show(ax[3], np.abs(m['weighted_error']), '|weighted error|', cmap='magma')
-  fig.suptitle(f'timestep index k={k}', fontsize=9)
+  fig.suptitle(f'timestep t = {t_mid}', fontsize=9)
   return _save(fig, path)
 
 
@@ -214,7 +215,8 @@ def write_report(config, workdir: str, results: dict, scores: dict, extractor) -
       f'{config.data.image_size}x{config.data.channels}; {config.diffusion.schedule} schedule, '
       f'T = {config.diffusion.num_timesteps}',
       f'- scorer: mode `{config.scorer.mode}`, K = {config.scorer.num_steps} timesteps '
-      f'{results["timesteps"]}, noise `{config.scorer.noise}`, draws {config.scorer.num_draws}, '
+      f'{results["timesteps"]} (seed method: t >= {config.scorer.get("t_min", 0)}; DiffPath '
+      f'baselines: all), noise `{config.scorer.noise}`, draws {config.scorer.num_draws}, '
       f'SSIM pair `{config.scorer.ssim_pair}`, weight `{config.scorer.ssim_weight}`, '
       f'scale_by_sigma {config.scorer.scale_by_sigma}',
       f'- detector fitted on {config.eval.num_fit or "all"} ID-train images per set; '

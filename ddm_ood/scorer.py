@@ -22,12 +22,20 @@ kind            trajectory  per-timestep map v_k                                
 6-D features: ``[sum_k <v_k>_p for p = 1, 2, 3] + [sum_k <D v_k>_p for p = 1, 2, 3]`` with the
 signed power sums ``<v>_p = sum_i v_i^p`` over pixels and channels and ``D v_k = K (v_{k+1} - v_k)``.
 
-Trajectories (timesteps ``t_k = k T // K``, ``k = 0..K-1``, `schedule.scorer_timesteps`):
+Timesteps: the grid ``t_k = k T // K``, ``k = 0..K-1`` (`schedule.scorer_timesteps`, DiffPath's).
+``scorer_cfg.t_min`` (default 0 = the whole grid) restricts the seed kinds ('stein_ssim', 'stein',
+'eps_ssim' and the '*_ddim' ablations) to the grid points ``t_k >= t_min`` (`kind_timesteps`): the
+forward trajectory is then only evaluated there, and the DDIM path (which must start at the clean
+image) is still run over the whole grid, its seed-kind maps cut to the window. The DiffPath
+baselines always use the whole grid. Finite differences keep the grid's step: ``D v = K dv``.
+
+Trajectories:
 
 * ``'forward'``: ``x_k = sqrt(abar_k) x0 + sigma_k eps``. The noise comes from the image id, never
   from the batch position: ``key_img = fold_in(key, image_id)``, draw ``r`` uses
   ``normal(fold_in(key_img, r))`` for every k (``noise='shared'``) or
-  ``normal(fold_in(fold_in(key_img, r), k))`` (``noise='independent'``). The target is that eps.
+  ``normal(fold_in(fold_in(key_img, r), t_k))`` (``noise='independent'``: keyed by the timestep
+  itself, so the noise at t_k does not depend on K or t_min). The target is that eps.
   All R x K noisy states of an image go through the network in one call (vmapped over images, so
   one network call of batch B * R * K). Features and per-timestep values are averaged over the R
   draws (each draw's features are computed first, then averaged).
@@ -121,6 +129,9 @@ def check_scorer_config(scorer_cfg, feature_kinds: Sequence[str] = ('stein_ssim'
                      f'{scorer_cfg.chunk}.')
   if int(scorer_cfg.num_steps) < 1:
     raise ValueError(f'config.scorer.num_steps must be >= 1, got {scorer_cfg.num_steps}.')
+  if int(scorer_cfg.get('t_min', 0)) < 0:
+    raise ValueError(f'config.scorer.t_min must be >= 0 (0 = every grid timestep), got '
+                     f'{scorer_cfg.t_min}.')
   if isinstance(feature_kinds, str):
     raise ValueError(f'feature_kinds must be a sequence of kinds, got the string '
                      f'{feature_kinds!r}; write ({feature_kinds!r},).')
@@ -177,6 +188,40 @@ def validate_images(images, image_size: int, channels: int) -> np.ndarray:
   return x
 
 
+# ------------------------------------------------------------------------------ timesteps
+
+
+def _window_start(ts: np.ndarray, t_min: int) -> int:
+  """Index of the first grid timestep >= t_min; ValueError if there is none."""
+  k0 = int(np.searchsorted(ts, t_min))
+  if k0 >= len(ts):
+    raise ValueError(f'config.scorer.t_min={t_min} leaves no timestep of the scorer grid '
+                     f'{ts.tolist()}; choose t_min <= {int(ts[-1])}.')
+  return k0
+
+
+def kind_timesteps(num_timesteps: int, scorer_cfg, kind: str) -> np.ndarray:
+  """The timesteps whose per-timestep values make up ``kind``'s features (int32 [K_kind]).
+
+  The whole grid ``t_k = k T // K`` for the DiffPath baselines; the grid points ``>= t_min`` for
+  the seed kinds.
+  """
+  if kind not in FEATURE_KINDS:
+    raise ValueError(f'Unknown feature kind {kind!r}; choose from {FEATURE_KINDS}.')
+  ts = schedule_lib.scorer_timesteps(num_timesteps, int(scorer_cfg.num_steps))
+  if kind in _DDIM_KINDS:
+    return ts
+  return ts[_window_start(ts, int(scorer_cfg.get('t_min', 0))):]
+
+
+def _cut(traj: 'Trajectory', k0: int) -> 'Trajectory':
+  """The trajectory from grid index k0 on."""
+  if k0 == 0:
+    return traj
+  return Trajectory(traj.x_t[:, k0:], traj.eps_theta[:, k0:], traj.eps_target[:, k0:],
+                    traj.sqrt_abar[k0:], traj.sigma[k0:])
+
+
 # ------------------------------------------------------------------------------ trajectories
 
 
@@ -217,8 +262,8 @@ def forward_trajectory(apply_fn: ApplyFn, schedule: schedule_lib.Schedule, ts: n
     if noise == 'shared':
       eps = jax.random.normal(key_r, x0.shape, jnp.float32)
       return jnp.broadcast_to(eps, (k_steps,) + x0.shape)
-    return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(key_r, k), x0.shape,
-                                                jnp.float32))(jnp.arange(k_steps))
+    return jax.vmap(lambda t: jax.random.normal(jax.random.fold_in(key_r, t), x0.shape,
+                                                jnp.float32))(jnp.asarray(ts, jnp.int32))
 
   eps = jax.vmap(draw)(jnp.arange(num_draws))                   # [R, K, H, W, C]
   a, s = _timestep_coefficients(schedule, ts)
@@ -303,14 +348,20 @@ def power_sums(v: jax.Array) -> jax.Array:
   return jnp.stack([v.sum(axes), (v * v).sum(axes), (v * v * v).sum(axes)], axis=-1)
 
 
-def six_d_features(v: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def six_d_features(v: jax.Array, grid_steps: int | None = None
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Power-sum features of per-timestep maps v [R, K, H, W, C], averaged over the R draws.
+
+  Args:
+    v: maps [R, K, H, W, C] at consecutive points of the scorer grid.
+    grid_steps: K of the grid ``t_k = k T // K`` the maps lie on (default: ``v.shape[1]``; larger
+      when ``v`` is a window of the grid), the factor of the finite difference.
 
   Returns:
     (features [6], per_timestep [K, 3], per_timestep_deriv [K-1, 3]) float32; the derivative
-    is D v_k = K (v_{k+1} - v_k).
+    is D v_k = grid_steps (v_{k+1} - v_k).
   """
-  k_steps = v.shape[1]
+  k_steps = v.shape[1] if grid_steps is None else grid_steps
   per_t = power_sums(v)                                    # [R, K, 3]
   per_d = power_sums(k_steps * (v[:, 1:] - v[:, :-1]))     # [R, K-1, 3]
   feats = jnp.concatenate([per_t.sum(1), per_d.sum(1)], axis=-1)   # [R, 6]
@@ -392,8 +443,9 @@ def make_trajectory_scorer(apply_fn: ApplyFn, schedule: schedule_lib.Schedule, s
 
   Returns:
     ``score(params, images [B, H, W, C] float in [-1, 1], image_ids [B] int32, key) -> dict`` with
-    ``'features'``: {kind: [B, D] float32}, ``'per_timestep'``: {kind: [B, K, 3]} and
-    ``'per_timestep_deriv'``: {kind: [B, K-1, 3]} (power sums p = 1, 2, 3, averaged over draws;
+    ``'features'``: {kind: [B, D] float32}, ``'per_timestep'``: {kind: [B, K_kind, 3]} and
+    ``'per_timestep_deriv'``: {kind: [B, K_kind - 1, 3]} (power sums p = 1, 2, 3 at the
+    timesteps `kind_timesteps` gives, averaged over draws;
     'diffpath_1d' repeats those of the DDIM eps_theta path). Pure and jittable; a row depends only
     on its image, its id and the key (not on batch size, order, chunking or device count).
     Validate values on the host first with `validate_images` (NaN cannot be checked under jit).
@@ -403,7 +455,9 @@ def make_trajectory_scorer(apply_fn: ApplyFn, schedule: schedule_lib.Schedule, s
   """
   check_scorer_config(scorer_cfg, feature_kinds)
   kinds = tuple(dict.fromkeys(feature_kinds))
-  ts = schedule_lib.scorer_timesteps(schedule.num_timesteps, int(scorer_cfg.num_steps))
+  grid_steps = int(scorer_cfg.num_steps)
+  ts = schedule_lib.scorer_timesteps(schedule.num_timesteps, grid_steps)
+  k0 = _window_start(ts, int(scorer_cfg.get('t_min', 0)))   # seed kinds use ts[k0:]
   mode = scorer_cfg.mode
   noise = scorer_cfg.noise
   num_draws = int(scorer_cfg.num_draws)
@@ -419,13 +473,13 @@ def make_trajectory_scorer(apply_fn: ApplyFn, schedule: schedule_lib.Schedule, s
   def score_one(params, x0, image_id, key):
     results = {}
     if mode_kinds:
-      traj = forward_trajectory(apply_fn, schedule, ts, noise, num_draws, params, x0, image_id,
-                                key)
+      traj = forward_trajectory(apply_fn, schedule, ts[k0:], noise, num_draws, params, x0,
+                                image_id, key)
       results.update(_kind_maps(mode_kinds, traj, x0, scorer_cfg, diffpath=False))
     if ddim_kinds or mode_kinds_ddim or variant_kinds:
       traj = ddim_trajectory(apply_fn, schedule, ts, params, x0)
       base = list(dict.fromkeys(mode_kinds_ddim + [_DDIM_VARIANTS[k] for k in variant_kinds]))
-      maps = _kind_maps(base, traj, x0, scorer_cfg, diffpath=False)
+      maps = _kind_maps(base, _cut(traj, k0), x0, scorer_cfg, diffpath=False)
       results.update({k: maps[k] for k in mode_kinds_ddim})
       results.update({k: maps[_DDIM_VARIANTS[k]] for k in variant_kinds})
       results.update(_kind_maps(ddim_kinds, traj, x0, scorer_cfg, diffpath=True))
@@ -434,7 +488,7 @@ def make_trajectory_scorer(apply_fn: ApplyFn, schedule: schedule_lib.Schedule, s
     for kind in kinds:
       v = results[kind]
       if id(v) not in cache:   # diffpath_6d / diffpath_1d share one reduction
-        cache[id(v)] = six_d_features(v)
+        cache[id(v)] = six_d_features(v, grid_steps)
       f6, per_t[kind], per_d[kind] = cache[id(v)]
       feats[kind] = jnp.sqrt(f6[4:5]) if kind == 'diffpath_1d' else f6
     return {'features': feats, 'per_timestep': per_t, 'per_timestep_deriv': per_d}
@@ -472,21 +526,22 @@ def trajectory_maps(apply_fn: ApplyFn, schedule: schedule_lib.Schedule, scorer_c
     mode: 'forward' (default) or 'ddim'.
 
   Returns:
-    numpy float32 arrays [B, K, H, W, C]: 'x_t', 'x0hat' (clipped), 'eps_theta', 'eps_target',
+    numpy float32 arrays [B, K', H, W, C]: 'x_t', 'x0hat' (clipped), 'eps_theta', 'eps_target',
     'error' (e_k, scaled if scale_by_sigma), 'ssim', 'weight' and 'weighted_error' (w * e_k);
-    plus 'timesteps' int32 [K].
+    plus 'timesteps' int32 [K'], the seed kinds' timesteps (`kind_timesteps`, ``t_k >= t_min``).
   """
   check_scorer_config(scorer_cfg)
   if mode not in MODES:
     raise ValueError(f'mode={mode!r} is not one of {MODES}.')
   ts = schedule_lib.scorer_timesteps(schedule.num_timesteps, int(scorer_cfg.num_steps))
+  k0 = _window_start(ts, int(scorer_cfg.get('t_min', 0)))
 
   def one(x0, image_id):
     if mode == 'forward':
-      traj = forward_trajectory(apply_fn, schedule, ts, scorer_cfg.noise, 1, params, x0,
+      traj = forward_trajectory(apply_fn, schedule, ts[k0:], scorer_cfg.noise, 1, params, x0,
                                 image_id, key)
     else:
-      traj = ddim_trajectory(apply_fn, schedule, ts, params, x0)
+      traj = _cut(ddim_trajectory(apply_fn, schedule, ts, params, x0), k0)
     ssim = trajectory_ssim(traj, x0, scorer_cfg)
     w = ssim_weight(ssim, scorer_cfg.ssim_weight)
     e = stein_error(traj, bool(scorer_cfg.scale_by_sigma))
@@ -496,12 +551,13 @@ def trajectory_maps(apply_fn: ApplyFn, schedule: schedule_lib.Schedule, scorer_c
 
   out = jax.jit(jax.vmap(one))(jnp.asarray(images, jnp.float32), jnp.asarray(image_ids, jnp.int32))
   out = {k: np.asarray(v) for k, v in out.items()}
-  out['timesteps'] = ts
+  out['timesteps'] = ts[k0:]
   return out
 
 
 __all__ = ['FEATURE_KINDS', 'FEATURE_DIMS', 'MODES', 'EPS_SSIM_CLIP', 'EPS_SSIM_MAX_VAL',
-           'Trajectory', 'check_scorer_config', 'validate_images', 'forward_trajectory',
+           'Trajectory', 'check_scorer_config', 'kind_timesteps', 'validate_images',
+           'forward_trajectory',
            'ddim_trajectory', 'denoised_estimate', 'trajectory_ssim', 'ssim_weight',
            'stein_error', 'power_sums', 'six_d_features', 'make_trajectory_scorer',
            'trajectory_maps']

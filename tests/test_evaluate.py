@@ -19,7 +19,8 @@ def workdir(tmp_path_factory):
   wd = str(tmp_path_factory.mktemp('run'))
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   cmd = [sys.executable, '-m', 'ddm_ood.main', f'--config={TINY}', f'--workdir={wd}',
-         '--config.eval.ood_datasets=("mnist","noise_gaussian","fashion_mnist")']
+         '--config.eval.ood_datasets=("mnist","noise_gaussian","fashion_mnist")',
+         '--config.scorer.t_min=25']
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]
   assert '| **average** |' in proc.stdout  # the result table is printed
@@ -37,8 +38,12 @@ def test_result_files(workdir):
   assert pairs == {('fashion_mnist', 'mnist'), ('fashion_mnist', 'noise_gaussian')}
   for r in res['rows']:
     assert 0.0 <= r['auroc'] <= 1.0 and 0.0 <= r['fpr95'] <= 1.0
-    assert len(r['per_timestep_auroc']) == res['config']['scorer']['num_steps'] or \
-        r['kind'] == 'diffpath_1d'
+    assert len(r['per_timestep_auroc']) == len(res['kind_timesteps'][r['kind']])
+  # The run's t_min = 25 on the grid 0, 25, 50, 75 (T = 100, K = 4): the seed kinds use the
+  # window, the DiffPath baselines the whole grid.
+  assert res['timesteps'] == [0, 25, 50, 75]
+  assert res['kind_timesteps']['stein_ssim'] == res['kind_timesteps']['stein'] == [25, 50, 75]
+  assert res['kind_timesteps']['diffpath_6d'] == [0, 25, 50, 75]
   # The table in the report equals results.json.
   report = open(os.path.join(workdir, 'report.md')).read()
   for r in res['rows']:
@@ -158,3 +163,22 @@ def test_main_job_on_embedded_default_at_reduced_size(tmp_path):
   assert {(r['id'], r['ood'], r['kind']) for r in res['rows']} == expected
   assert os.path.exists(tmp_path / 'report.md')
   assert len(os.listdir(tmp_path / 'plots')) >= 2 * len(ev.id_datasets) + 4
+
+
+def test_validation_study_script(workdir):
+  """scripts/validation_study.py on the tiny run (its window sums are checked against the scorer)."""
+  cmd = [sys.executable, os.path.join(ROOT, 'scripts', 'validation_study.py'),
+         f'--workdir={workdir}', '--draws=1,2', '--t_mins=0,25,50,100', '--num_fit=24',
+         '--num_val=12']
+  proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'),
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  out = json.loads(proc.stdout)
+  # t_min = 100 is past the grid 0, 25, 50, 75 (T = 100, K = 4) and is skipped.
+  assert set(out['settings']) == {f'R={r},t_min={t}' for r in (1, 2) for t in (0, 25, 50)}
+  assert out['best'] in out['settings'] and out['split'] == 'train only'
+  for s in out['settings'].values():
+    assert set(s['auroc']) == {'fashion_mnist vs mnist', 'fashion_mnist vs noise_gaussian'}
+    assert all(0.0 <= a <= 1.0 for a in s['auroc'].values())
+    assert s['timesteps'] == [t for t in (0, 25, 50, 75) if t >= s['t_min']]
+  assert out['settings']['R=1,t_min=0']['auroc'] != out['settings']['R=2,t_min=0']['auroc']

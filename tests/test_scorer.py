@@ -81,11 +81,11 @@ def _ref_ssim(a, b, data_range, cfg):
 
 
 def _ref_power_features(maps):
-  """maps: list over k of float64 [H, W, C] -> (feat6, per_t [K, 3], per_d [K-1, 3])."""
+  """maps: list over k of float64 [H, W, C] -> (feat6, per_t [K', 3], per_d [K'-1, 3])."""
   v = np.stack(maps)
   ps = lambda u: np.stack([(u ** p).sum(axis=(-3, -2, -1)) for p in (1, 2, 3)], -1)  # noqa
   per_t = ps(v)
-  per_d = ps(len(maps) * (v[1:] - v[:-1]))
+  per_d = ps(K * (v[1:] - v[:-1]))   # the grid's step 1/K, also for a window of the grid
   return np.concatenate([per_t.sum(0), per_d.sum(0)]), per_t, per_d
 
 
@@ -96,6 +96,7 @@ def reference_scores(cfg, images, image_ids, key, kinds):
   ts = np.arange(K) * T // K
   abar = np.asarray(sched.alphas_cumprod, np.float64)
   sa, sg = np.sqrt(abar[ts]), np.sqrt(1 - abar[ts])
+  window = [k for k in range(K) if ts[k] >= cfg.t_min]   # the seed kinds' timesteps
   net = lambda x, k: np.asarray(  # noqa: E731
       apply_fn(params, jnp.asarray(x[None], jnp.float32), jnp.asarray([ts[k]], jnp.int32))[0],
       np.float64)
@@ -104,7 +105,7 @@ def reference_scores(cfg, images, image_ids, key, kinds):
     out = {}
     for kind in names or [k for k in kinds if k in ('stein_ssim', 'stein', 'eps_ssim')]:
       maps = []
-      for k in range(K):
+      for k in window:
         e = eps_th[k] - eps_tg[k]
         if cfg.scale_by_sigma:
           e = e / sg[k]
@@ -140,13 +141,13 @@ def reference_scores(cfg, images, image_ids, key, kinds):
       draws = []
       for r in range(cfg.num_draws):
         key_r = jax.random.fold_in(key_img, r)
-        xs, eps_th, eps_tg = [], [], []
-        for k in range(K):
-          kk = key_r if cfg.noise == 'shared' else jax.random.fold_in(key_r, k)
+        xs, eps_th, eps_tg = {}, {}, {}
+        for k in window:   # independent noise is keyed by the timestep
+          kk = key_r if cfg.noise == 'shared' else jax.random.fold_in(key_r, int(ts[k]))
           eps = np.asarray(jax.random.normal(kk, x0.shape, jnp.float32), np.float64)
-          xs.append(sa[k] * x0 + sg[k] * eps)
-          eps_th.append(net(xs[-1], k))
-          eps_tg.append(eps)
+          xs[k] = sa[k] * x0 + sg[k] * eps
+          eps_th[k] = net(xs[k], k)
+          eps_tg[k] = eps
         draws.append(kind_maps(x0, xs, eps_th, eps_tg))
       for kind in mode_kinds:
         res[kind] = [np.mean([d[kind][j] for d in draws], axis=0) for j in range(3)]
@@ -211,7 +212,10 @@ def run_scorer(cfg, images, image_ids, kinds=ALL_KINDS, key=None):
     dict(mode='forward', ssim_pair='eps', ssim_weight='two_minus', scale_by_sigma=True,
          num_draws=2, noise='independent'),
     dict(mode='ddim', ssim_pair='eps', scale_by_sigma=True),
-], ids=['forward', 'ddim', 'forward-eps-two_minus-sigma-R2-indep', 'ddim-eps-sigma'])
+    dict(mode='forward', t_min=30, num_draws=2, noise='independent'),
+    dict(mode='ddim', t_min=25),
+], ids=['forward', 'ddim', 'forward-eps-two_minus-sigma-R2-indep', 'ddim-eps-sigma',
+        'forward-tmin30-R2-indep', 'ddim-tmin25'])
 def test_matches_python_reference_loop(overrides):
   cfg = scorer_cfg(**overrides)
   images = setup()[3][[3, 20, 70]]
@@ -224,9 +228,12 @@ def test_matches_python_reference_loop(overrides):
       assert got[name][kind].dtype == np.float32
       assert_close(got[name][kind], want[name][kind], REF_RTOL, f'{name}/{kind}')
   for kind in ALL_KINDS:
+    k_kind = len(scorer_lib.kind_timesteps(T, cfg, kind))
+    in_window = int(np.sum(np.arange(K) * T // K >= cfg.t_min))   # t_min=25: 25, 50, 75
+    assert k_kind == (K if kind.startswith('diffpath') else in_window), kind
     assert got['features'][kind].shape == (3, scorer_lib.FEATURE_DIMS[kind])
-    assert got['per_timestep'][kind].shape == (3, K, 3)
-    assert got['per_timestep_deriv'][kind].shape == (3, K - 1, 3)
+    assert got['per_timestep'][kind].shape == (3, k_kind, 3)
+    assert got['per_timestep_deriv'][kind].shape == (3, k_kind - 1, 3)
 
 
 INV_KINDS = ('stein_ssim', 'diffpath_6d')   # one forward and one DDIM trajectory
@@ -380,9 +387,14 @@ def test_scorer_rejects_bad_shapes_and_config():
   with pytest.raises(ValueError, match='SSIM window'):
     jax.eval_shape(fn, params, jnp.zeros((2, 10, 10, 1)), jnp.arange(2), key)
   for bad in (dict(mode='reverse'), dict(noise='fresh'), dict(ssim_pair='x'),
-              dict(ssim_weight='one'), dict(num_draws=0), dict(chunk=-1)):
+              dict(ssim_weight='one'), dict(num_draws=0), dict(chunk=-1), dict(t_min=-1),
+              dict(t_min=T - T // K + 1)):
     with pytest.raises(ValueError, match='config.scorer'):
       scorer_lib.make_trajectory_scorer(apply_fn, sched, scorer_cfg(**bad))
+  with pytest.raises(ValueError, match='leaves no timestep'):
+    scorer_lib.kind_timesteps(T, scorer_cfg(t_min=T), 'stein_ssim')
+  np.testing.assert_array_equal(scorer_lib.kind_timesteps(T, scorer_cfg(t_min=T), 'diffpath_6d'),
+                                np.arange(K) * T // K)
   with pytest.raises(ValueError, match='Unknown feature kind'):
     scorer_lib.make_trajectory_scorer(apply_fn, sched, scorer_cfg(), ('stein', 'msma'))
 
