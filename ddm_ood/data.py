@@ -740,6 +740,14 @@ def _source(name: str, process_split: bool) -> Callable[..., np.ndarray]:
   return _folder_loader(name[7:])
 
 
+def is_process_split(name: str, process_count: int) -> bool:
+  """Whether ``load_images(name, ..., process_split=True)`` gives each of ``process_count`` JAX
+  processes its own shard (TFDS sources on several hosts) rather than the full split (the
+  in-memory sources, which every host loads whole and `train.BatchStream` partitions)."""
+  check_source_name(name)
+  return process_count > 1 and name.startswith('tfds:')
+
+
 def load_images(name: str, split: str, data_cfg: ml_collections.ConfigDict, *,
                 max_examples: int = 0, seed: int = 0, process_split: bool = False) -> np.ndarray:
   """Loads a split of a named image source at the model's resolution.

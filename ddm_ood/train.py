@@ -6,8 +6,9 @@ all-reduce). Impure shell: `train_and_evaluate` (data, checkpoints, logging, sam
 
 Randomness is stateless: step ``s`` uses ``fold_in(base_key, s)`` split into (t, noise, dropout)
 keys, and the batch of step ``s`` is rows ``[i*B, (i+1)*B)`` of the permutation
-``default_rng((seed, epoch))`` with ``epoch, i = divmod(s, steps_per_epoch)``. Results therefore
-do not depend on device count, and a resumed run continues the exact stream.
+``default_rng((seed, epoch, 0))`` with ``epoch, i = divmod(s, steps_per_epoch)`` (`BatchStream`;
+hosts partition each global batch). Results therefore do not depend on device or host count
+(TFDS shards per host excepted), and a resumed run continues the exact stream.
 
 Debug knobs (``config.train``, absent = off): ``debug_sleep_per_step`` (seconds slept after each
 step, lets tests interrupt a run mid-way) and ``debug_nan_step`` (>= 0: the loss of that step is
@@ -34,6 +35,7 @@ import numpy as np
 import optax
 
 from ddm_ood import checkpoint as ckpt_lib
+from ddm_ood import data as data_lib
 from ddm_ood import sampling
 from ddm_ood import schedule as schedule_lib
 from ddm_ood import sharding
@@ -177,18 +179,34 @@ def make_train_step(model: unet.UNet, schedule: schedule_lib.Schedule,
 class BatchStream:
   """Deterministic batches: the rows of global step ``s`` are a function of ``s`` alone.
 
-  Each epoch is a permutation ``np.random.default_rng((seed, epoch, process))`` of this host's
-  images; the incomplete tail batch of an epoch is skipped. Images are held as uint8.
+  Two layouts of the training set over ``process_count`` hosts:
+
+  * ``sharded=False`` (in-memory sources; every host holds the full set): one permutation
+    ``np.random.default_rng((seed, epoch, 0))`` per epoch, shared by all hosts; the global batch of
+    step ``s`` is its rows ``[i G, (i + 1) G)`` (``G = process_count * local_batch_size``) and host
+    ``p`` reads the ``p``-th ``local_batch_size`` of them. The global batch (and so training) is
+    the same for any number of hosts, and the hosts partition it.
+  * ``sharded=True`` (TFDS with ``split_for_jax_process``; each host holds its own shard): each host
+    permutes its shard with ``default_rng((seed, epoch, process_index))``.
+
+  The incomplete tail batch of an epoch is skipped. Images are held as uint8.
   """
 
-  def __init__(self, images: np.ndarray, local_batch_size: int, seed: int, process_index: int = 0):
-    if images.shape[0] < local_batch_size:
-      raise ValueError(f'Only {images.shape[0]} training images on this host, fewer than the '
-                       f'per-host batch size {local_batch_size}; lower train.batch_size.')
+  def __init__(self, images: np.ndarray, local_batch_size: int, seed: int, process_index: int = 0,
+               process_count: int = 1, sharded: bool = False):
+    if not 0 <= process_index < process_count:
+      raise ValueError(f'process_index={process_index} must be in [0, {process_count}).')
     self.images = images
-    self.local_batch_size = local_batch_size
+    self.local_batch_size = int(local_batch_size)
     self.seed, self.process_index = int(seed), int(process_index)
-    self.steps_per_epoch = images.shape[0] // local_batch_size
+    self.process_count, self.sharded = int(process_count), bool(sharded)
+    # Rows one permutation serves per step: this host's only (sharded) or the global batch.
+    self._rows_per_step = self.local_batch_size * (1 if sharded else self.process_count)
+    if images.shape[0] < self._rows_per_step:
+      where = 'on this host' if sharded or process_count == 1 else 'in the training set'
+      raise ValueError(f'Only {images.shape[0]} training images {where}, fewer than the batch '
+                       f'of {self._rows_per_step} they must fill; lower train.batch_size.')
+    self.steps_per_epoch = images.shape[0] // self._rows_per_step
     self._perm_epoch, self._perm = -1, None
 
   def position(self, step: int) -> tuple[int, int]:
@@ -199,9 +217,13 @@ class BatchStream:
     """This host's rows of the batch of global step ``step``: float32 [B_local, H, W, C]."""
     epoch, index = self.position(step)
     if epoch != self._perm_epoch:
-      rng = np.random.default_rng((self.seed, epoch, self.process_index))
+      stream_id = self.process_index if self.sharded else 0
+      rng = np.random.default_rng((self.seed, epoch, stream_id))
       self._perm, self._perm_epoch = rng.permutation(self.images.shape[0]), epoch
-    rows = np.sort(self._perm[index * self.local_batch_size:(index + 1) * self.local_batch_size])
+    start = index * self._rows_per_step
+    if not self.sharded:
+      start += self.process_index * self.local_batch_size
+    rows = np.sort(self._perm[start:start + self.local_batch_size])
     return self.images[rows].astype(np.float32) / 127.5 - 1.0
 
 
@@ -327,10 +349,9 @@ def write_samples(config: ml_collections.ConfigDict, model: unet.UNet, ema_param
 
 
 def _load_training_images(config: ml_collections.ConfigDict) -> np.ndarray:
-  from ddm_ood import data  # pylint: disable=g-import-not-at-top
-  images = data.load_images(config.data.dataset, 'train', config.data,
-                            max_examples=config.data.max_train_examples,
-                            process_split=(jax.process_count() > 1))
+  images = data_lib.load_images(
+      config.data.dataset, 'train', config.data, max_examples=config.data.max_train_examples,
+      process_split=data_lib.is_process_split(config.data.dataset, jax.process_count()))
   expected = (config.data.image_size, config.data.image_size, config.data.channels)
   if images.ndim != 4 or tuple(images.shape[1:]) != expected:
     raise ValueError(f'Training images of {config.data.dataset!r} have shape {images.shape}, '
@@ -400,7 +421,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       return {**last, 'step': start, 'preempted': False}
 
     stream = BatchStream(_load_training_images(config), local_batch, config.seed,
-                         jax.process_index())
+                         jax.process_index(), jax.process_count(),
+                         sharded=data_lib.is_process_split(config.data.dataset,
+                                                           jax.process_count()))
     logging.info('Training on %d images of %r (%d steps per epoch) from step %d to %d.',
                  stream.images.shape[0], config.data.dataset, stream.steps_per_epoch, start,
                  num_steps)

@@ -198,6 +198,32 @@ def test_batch_stream_is_a_function_of_the_step():
   rows = np.concatenate([x[:, 0, 0, 0] for x in seq[:3]])
   assert len(set(rows.tolist())) == 9                  # no repeats within an epoch
   assert seq[0].dtype == np.float32 and seq[0].min() >= -1 and seq[0].max() <= 1
+  # Step 0 = the first rows of default_rng((seed, epoch 0, 0)) (the documented stream).
+  first = np.sort(np.random.default_rng((1, 0, 0)).permutation(10)[:3])
+  np.testing.assert_array_equal(seq[0][:, 0, 0, 0], (first * 4).astype(np.float32) / 127.5 - 1.0)
+
+
+def test_batch_stream_hosts_partition_the_global_batch():
+  images = np.arange(40, dtype=np.uint8).reshape(40, 1, 1, 1)
+  one = train.BatchStream(images, 6, seed=3)
+  hosts = [train.BatchStream(images, 2, seed=3, process_index=p, process_count=3)
+           for p in range(3)]
+  assert one.steps_per_epoch == hosts[0].steps_per_epoch == 6
+  for step in (0, 1, 5, 6, 13):   # across epochs
+    parts = [h.batch(step)[:, 0, 0, 0] for h in hosts]
+    merged = np.concatenate(parts)
+    assert len(set(merged.tolist())) == 6                        # disjoint host slices
+    np.testing.assert_array_equal(np.sort(merged), one.batch(step)[:, 0, 0, 0])
+  # TFDS shards: each host permutes its own shard with its own stream.
+  shard = train.BatchStream(images[:20], 2, seed=3, process_index=1, process_count=3,
+                            sharded=True)
+  assert shard.steps_per_epoch == 10
+  rows = np.sort(np.random.default_rng((3, 0, 1)).permutation(20)[:2])
+  np.testing.assert_array_equal(shard.batch(0)[:, 0, 0, 0], rows.astype(np.float32) / 127.5 - 1.0)
+  with pytest.raises(ValueError, match='process_index'):
+    train.BatchStream(images, 2, seed=0, process_index=3, process_count=3)
+  with pytest.raises(ValueError, match='lower train.batch_size'):
+    train.BatchStream(images, 16, seed=0, process_index=0, process_count=3)
 
 
 def test_ddim_sample_shape_range_and_grid(tmp_path):
