@@ -1,9 +1,12 @@
 """Throughput of the compiled trajectory scorer vs a peer-style per-timestep loop (prints one JSON).
 
   python benchmarks/scorer_bench.py [--config=configs/fashion_mnist.py] [--batches=64,256]
+      [--chunks=8] [--skip_flags]
 
 * ``scorer``: ``jax.jit(make_trajectory_scorer(...))``, forward mode, 'stein_ssim', K = 10: all K
   timesteps in one network call, SSIM and power sums on device, only [B, 6] + [B, K, 3] returned.
+* ``scorer_chunk_images_per_s``: the same scorer with ``config.scorer.chunk`` = each of
+  ``--chunks`` (images per ``lax.map`` step; checked to give the same features).
 * ``peer_loop``: one jitted network call per timestep, ``np.asarray`` after each (host round trip),
   SSIM (skimage, per image) and power sums in numpy.
 * achieved FLOP/s of the scorer (XLA cost analysis / wall time) vs the measured float32 matmul
@@ -130,6 +133,8 @@ def main():
   parser.add_argument('--batches', default='64,256')
   parser.add_argument('--num_steps', type=int, default=10)
   parser.add_argument('--skip_flags', action='store_true')
+  parser.add_argument('--chunks', default='8',
+                      help='also time the scorer with these config.scorer.chunk values')
   parser.add_argument('--unet_child', default='')
   args = parser.parse_args()
   if not os.path.exists(args.config):
@@ -166,7 +171,19 @@ def main():
     s_peer, peer = timed(lambda: peer_loop(apply_jit, params, schedule, scfg, x, ids, key), 1)
     flops = flops_of(compiled)
     ref = np.asarray(out['features']['stein_ssim'])
+    by_chunk = {}
+    for c in [int(v) for v in args.chunks.split(',') if v]:
+      scfg_c = scfg.copy_and_resolve_references()
+      scfg_c.chunk = c
+      fn = jax.jit(scorer_lib.make_trajectory_scorer(apply_fn, schedule, scfg_c, ('stein_ssim',)))
+      comp_c = fn.lower(params, x, ids, key).compile()
+      s_c, out_c = timed(lambda: jax.block_until_ready(comp_c(params, x, ids, key)), reps)
+      np.testing.assert_allclose(np.asarray(out_c['features']['stein_ssim']),
+                                 np.asarray(out['features']['stein_ssim']), rtol=2e-4,
+                                 atol=2e-4 * float(np.abs(out['features']['stein_ssim']).max()))
+      by_chunk[c] = {'images_per_s': b / s_c, 'speedup_vs_peer': s_peer / s_c}
     report['batches'][b] = {
+        'scorer_chunk_images_per_s': by_chunk,
         'scorer_images_per_s': b / s_scorer, 'peer_loop_images_per_s': b / s_peer,
         'speedup': s_peer / s_scorer, 'scorer_compile_s': compile_s,
         'scorer_gflop_per_call': flops / 1e9, 'scorer_gflops_per_s': flops / s_scorer / 1e9,
