@@ -113,11 +113,10 @@ def plot_examples(config, extractor, datasets, path: str, num: int) -> str:
       a.set_title(title, fontsize=7)
       a.axis('off')
     show(ax[0], np.clip((img + 1) / 2, 0, 1), f'{name}', rgb=True, cmap='gray', vmin=0, vmax=1)
-    show(ax[1], np.clip((m['x0hat'] + 1) / 2, 0, 1), 'x0hat', rgb=True, cmap='gray', vmin=0,
-         vmax=1)
-    show(ax[2], m['ssim'], 'SSIM map', cmap='viridis', vmin=-1, vmax=1)
-    show(ax[3], np.abs(m['weighted_error']), '|weighted error|', cmap='magma')
-  fig.suptitle(f'timestep t = {t_mid}', fontsize=9)
+    show(ax[1], np.clip((m['x0hat'] + 1) / 2, 0, 1), f'x0hat, t={t_mid}', rgb=True, cmap='gray',
+         vmin=0, vmax=1)
+    show(ax[2], m['ssim'], f'SSIM map, t={t_mid}', cmap='viridis', vmin=-1, vmax=1)
+    show(ax[3], np.abs(m['weighted_error']), f'|weighted error|, t={t_mid}', cmap='magma')
   return _save(fig, path)
 
 

@@ -557,7 +557,6 @@ def trajectory_maps(apply_fn: ApplyFn, schedule: schedule_lib.Schedule, scorer_c
 
 __all__ = ['FEATURE_KINDS', 'FEATURE_DIMS', 'MODES', 'EPS_SSIM_CLIP', 'EPS_SSIM_MAX_VAL',
            'Trajectory', 'check_scorer_config', 'kind_timesteps', 'validate_images',
-           'forward_trajectory',
-           'ddim_trajectory', 'denoised_estimate', 'trajectory_ssim', 'ssim_weight',
-           'stein_error', 'power_sums', 'six_d_features', 'make_trajectory_scorer',
+           'forward_trajectory', 'ddim_trajectory', 'denoised_estimate', 'trajectory_ssim',
+           'ssim_weight', 'stein_error', 'power_sums', 'six_d_features', 'make_trajectory_scorer',
            'trajectory_maps']

@@ -7,8 +7,9 @@ all-reduce). Impure shell: `train_and_evaluate` (data, checkpoints, logging, sam
 Randomness is stateless: step ``s`` uses ``fold_in(base_key, s)`` split into (t, noise, dropout)
 keys, and the batch of step ``s`` is rows ``[i*B, (i+1)*B)`` of the permutation
 ``default_rng((seed, epoch, 0))`` with ``epoch, i = divmod(s, steps_per_epoch)`` (`BatchStream`;
-hosts partition each global batch). Results therefore do not depend on device or host count
-(TFDS shards per host excepted), and a resumed run continues the exact stream.
+hosts partition each global batch). Results therefore do not depend on device count, each global
+batch holds the same images for any host count (TFDS shards per host excepted), and a resumed run
+continues the exact stream.
 
 Debug knobs (``config.train``, absent = off): ``debug_sleep_per_step`` (seconds slept after each
 step, lets tests interrupt a run mid-way) and ``debug_nan_step`` (>= 0: the loss of that step is
@@ -184,8 +185,9 @@ class BatchStream:
   * ``sharded=False`` (in-memory sources; every host holds the full set): one permutation
     ``np.random.default_rng((seed, epoch, 0))`` per epoch, shared by all hosts; the global batch of
     step ``s`` is its rows ``[i G, (i + 1) G)`` (``G = process_count * local_batch_size``) and host
-    ``p`` reads the ``p``-th ``local_batch_size`` of them. The global batch (and so training) is
-    the same for any number of hosts, and the hosts partition it.
+    ``p`` reads the ``p``-th ``local_batch_size`` of them. The hosts partition each global batch,
+    which holds the same images for any number of hosts (each host sorts its own rows, so the row
+    order, and with it the pairing of images with per-row noise, depends on the host count).
   * ``sharded=True`` (TFDS with ``split_for_jax_process``; each host holds its own shard): each host
     permutes its shard with ``default_rng((seed, epoch, process_index))``.
 

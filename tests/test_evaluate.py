@@ -145,7 +145,8 @@ def test_main_job_on_embedded_default_at_reduced_size(tmp_path):
                '--config.train.num_steps=2', '--config.train.batch_size=8',
                '--config.train.num_samples=4', '--config.train.sample_steps=2',
                '--config.data.texture_crops=40', '--config.data.synthetic_examples=24',
-               '--config.scorer.num_steps=3', '--config.scorer.batch_size=16',
+               # grid t = 0, 200, ..., 800; the config's t_min = 400 keeps three points
+               '--config.scorer.num_steps=5', '--config.scorer.batch_size=16',
                '--config.scorer.chunk=8', '--config.eval.num_fit=40',
                '--config.eval.num_test=24', '--config.eval.num_examples_plot=1',
                '--config.detector.n_components=(1,2)',
@@ -161,6 +162,8 @@ def test_main_job_on_embedded_default_at_reduced_size(tmp_path):
   expected = {(i, o, k) for i in ev.id_datasets for o in ev.ood_datasets if o != i
               for k in ev.feature_kinds}
   assert {(r['id'], r['ood'], r['kind']) for r in res['rows']} == expected
+  assert res['kind_timesteps']['stein_ssim'] == [400, 600, 800]
+  assert res['kind_timesteps']['diffpath_6d'] == [0, 200, 400, 600, 800]
   assert os.path.exists(tmp_path / 'report.md')
   assert len(os.listdir(tmp_path / 'plots')) >= 2 * len(ev.id_datasets) + 4
 
