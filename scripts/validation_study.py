@@ -67,6 +67,9 @@ def main() -> None:
   for name in names:
     need = n_fit + n_val if name in ev.id_datasets else n_val
     x = data.load_images(name, 'train', config.data, max_examples=need, seed=config.seed)
+    if name in ev.id_datasets and len(x) <= n_fit:
+      sys.exit(f'ID set {name!r} has only {len(x)} training images, none left for validation '
+               f'after --num_fit={n_fit}; lower --num_fit.')
     images[name] = x
   out = dict(workdir=os.path.abspath(args.workdir), checkpoint_step=step, kind=KIND,
              grid=grid.tolist(), num_fit=n_fit, num_val=n_val, split='train only',
