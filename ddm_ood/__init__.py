@@ -7,9 +7,12 @@ The public surface (see README.md and docs/design.md):
 * `fit_detector` (scikit-learn, fit time) and `anomaly_score` (pure JAX; higher = more OOD).
 * `ood_metrics`: AUROC, FPR95, AUPR-In / AUPR-Out.
 * `load_anomaly_scorer` / `make_anomaly_fn`: a trained workdir as one jittable function.
+* `load_denoiser` / `load_feature_fn`: a workdir's network / features as jittable functions.
 """
 
 from ddm_ood.api import load_anomaly_scorer
+from ddm_ood.api import load_denoiser
+from ddm_ood.api import load_feature_fn
 from ddm_ood.api import make_anomaly_fn
 from ddm_ood.detector import anomaly_score
 from ddm_ood.detector import fit_detector
@@ -24,5 +27,5 @@ from ddm_ood.unet import UNet
 __version__ = '0.1.0'
 
 __all__ = ['FEATURE_KINDS', 'Schedule', 'UNet', 'anomaly_score', 'build_model', 'fit_detector',
-           'load_anomaly_scorer', 'make_anomaly_fn', 'make_schedule', 'make_trajectory_scorer',
-           'ood_metrics']
+           'load_anomaly_scorer', 'load_denoiser', 'load_feature_fn', 'make_anomaly_fn',
+           'make_schedule', 'make_trajectory_scorer', 'ood_metrics']

@@ -15,6 +15,7 @@ Scoring needs neither TensorFlow nor scikit-learn: the detector is plain arrays.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any, Callable
@@ -45,13 +46,16 @@ def make_anomaly_fn(apply_fn: Callable, schedule: schedule_lib.Schedule,
     kind: feature kind the detector was fitted on.
 
   Returns:
-    A jittable function; ``images`` [B, H, W, C] float in [-1, 1], ``image_ids`` [B] int32 (the
-    trajectory noise of an image is derived from its id, never from its batch position) and
+    A jittable function; ``images`` [B, H, W, C] float in [-1, 1], ``image_ids`` [B] int32 or
+    None (the trajectory noise of an image is derived from its id, never from its batch position;
+    None = `scorer.content_ids`, a hash of the pixels) and
     ``key`` a `jax.random.key`; returns anomaly scores [B] (higher = more out-of-distribution).
   """
   score_fn = scorer.make_trajectory_scorer(apply_fn, schedule, scorer_cfg, (kind,))
 
   def anomaly_fn(unet_params, detector_params, images, image_ids, key):
+    if image_ids is None:
+      image_ids = scorer.content_ids(images)
     feats = score_fn(unet_params, images, image_ids, key)['features'][kind]
     return detector.anomaly_score(detector_params, feats)
 
@@ -101,14 +105,17 @@ class AnomalyScorer:
                                        self.kind))
 
   def __call__(self, images, image_ids=None) -> np.ndarray:
-    """Anomaly scores [B] of images [B, H, W, C] in [-1, 1] (ids default to 0..B-1)."""
+    """Anomaly scores [B] of images [B, H, W, C] in [-1, 1].
+
+    ``image_ids`` [B] int32 are optional: by default each image's id is a hash of its pixels
+    (`scorer.content_ids`), so an image's score never depends on its batch or position.
+    """
     images = np.asarray(images)
     scorer.validate_images(images, self.config.data.image_size, self.config.data.channels)
-    if image_ids is None:
-      image_ids = np.arange(images.shape[0], dtype=np.int32)
-    image_ids = np.asarray(image_ids, np.int32)
-    if image_ids.shape != (images.shape[0],):
-      raise ValueError(f'image_ids must have shape [{images.shape[0]}], got {image_ids.shape}.')
+    if image_ids is not None:
+      image_ids = np.asarray(image_ids, np.int32)
+      if image_ids.shape != (images.shape[0],):
+        raise ValueError(f'image_ids must have shape [{images.shape[0]}], got {image_ids.shape}.')
     return np.asarray(self._fn(self.unet_params, self.detector_params,
                                jnp.asarray(images, jnp.float32), image_ids, self.key))
 
@@ -139,3 +146,62 @@ def load_anomaly_scorer(workdir: str, id_dataset: str | None = None,
                        unet_params=params, detector_params=fitted.params,
                        apply_fn=lambda p, x, t: model.apply(p, x, t), schedule=sched,
                        key=evaluate.scorer_key(config.seed))
+
+
+def load_denoiser(workdir: str) -> tuple[Callable, ml_collections.ConfigDict]:
+  """The workdir's EMA network as a jittable noise predictor (trained or converted workdirs).
+
+  Example::
+
+    eps_fn, config = api.load_denoiser('runs/diffpath_celeba')
+    eps = eps_fn(x_t, t)                                   # eager: runs the compiled network
+    eps = jax.jit(lambda f, x, t: f(x, t))(eps_fn, x_t, t)  # inside your own jit
+
+  ``eps_fn`` is a `jax.tree_util.Partial` holding the weights: pass it as an argument of your
+  jitted function (as above) so the weights stay device buffers; closing over it in ``jax.jit``
+  also works but bakes the weights into the program as constants (slow to compile when large).
+
+  Args:
+    workdir: a workdir that `python -m ddm_ood.main` trained or `python -m ddm_ood.convert` wrote.
+
+  Returns:
+    ``(eps_fn, config)``: ``eps_fn(x_t [B, H, W, C] float32, t [B] int32) -> eps [B, H, W, C]``
+    float32, with ``t`` the original timesteps ``0 .. config.diffusion.num_timesteps - 1`` (a
+    converted model's timestep rescaling and learned-variance channels are handled inside), and
+    the workdir's config.
+  """
+  workdir = os.path.abspath(workdir)
+  config = load_config(workdir)
+  params, _ = checkpoint.restore_ema_params(workdir, config)
+  model = unet.build_model(config)
+  return jax.tree_util.Partial(model.apply, params), config
+
+
+def _features(score_fn: Callable, params, key, images, image_ids) -> dict:
+  return score_fn(params, images, image_ids, key)['features']
+
+
+def load_feature_fn(workdir: str, kinds=('stein_ssim',)) -> Callable:
+  """The workdir's trajectory features as a jittable function (no detector needed).
+
+  Args:
+    workdir: a trained or converted workdir.
+    kinds: feature kinds (`scorer.FEATURE_KINDS`), e.g. ``('diffpath_6d', 'diffpath_1d')``.
+
+  Returns:
+    ``fn(images [B, H, W, C] float32 in [-1, 1], image_ids [B] int32) -> {kind: [B, D_kind]}``
+    float32, computed with the workdir's ``config.scorer`` and the evaluate mode's noise key, so
+    an image with the same id gets the features the suite computes. A `jax.tree_util.Partial`
+    holding the weights (see `load_denoiser` for use inside ``jax.jit``).
+  """
+  if isinstance(kinds, str):
+    kinds = (kinds,)
+  workdir = os.path.abspath(workdir)
+  config = load_config(workdir)
+  scorer.check_scorer_config(config.scorer, tuple(kinds))
+  params, _ = checkpoint.restore_ema_params(workdir, config)
+  model = unet.build_model(config)
+  sched = schedule_lib.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+  score_fn = scorer.make_trajectory_scorer(model.apply, sched, config.scorer, tuple(kinds))
+  return jax.tree_util.Partial(functools.partial(_features, score_fn), params,
+                               evaluate.scorer_key(config.seed))

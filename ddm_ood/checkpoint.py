@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from absl import logging
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
@@ -62,9 +63,45 @@ def _restore_args(abstract_tree: Any) -> Any:
   return ocp.checkpoint_utils.construct_restore_args(abstract_tree)
 
 
+class CheckpointCorruptError(ValueError):
+  """Raised when a workdir holds checkpoints but none of them can be read."""
+
+
+def _summary(e: BaseException) -> str:
+  text = ' '.join(str(e).split())
+  return f'{type(e).__name__}: {text[:300]}'
+
+
+def _restore_newest_readable(manager: ocp.CheckpointManager, restore: Any) -> tuple[Any, int]:
+  """``(restore(step), step)`` for the newest step that reads; warns about each unreadable one.
+
+  Raises:
+    CheckpointCorruptError: every step failed (one line naming the steps and the first error).
+  """
+  steps = sorted(manager.all_steps(), reverse=True)
+  errors = []
+  for step in steps:
+    try:
+      return restore(step), int(step)
+    except Exception as e:  # pylint: disable=broad-except  # Orbax/TensorStore raise many types
+      errors.append((step, e))
+      older = [s for s in steps if s < step]
+      logging.warning('Checkpoint %d in %s is unreadable (%s); %s', step, manager.directory,
+                      _summary(e), f'falling back to step {older[0]}.' if older else
+                      'no older checkpoint to fall back to.')
+  first_step, first = errors[0]
+  raise CheckpointCorruptError(
+      f'No readable checkpoint in {manager.directory}: steps {[s for s, _ in errors]} all failed '
+      f'(step {first_step}: {_summary(first)}). Delete the broken step folders and retrain, or '
+      'restore them from a backup.')
+
+
 def restore_latest(manager: ocp.CheckpointManager,
                    abstract_state: Any) -> tuple[Any, dict] | None:
-  """Restores the newest checkpoint of ``manager``.
+  """Restores the newest readable checkpoint of ``manager``.
+
+  A checkpoint that fails to read (corrupt or truncated files) is skipped with a warning naming
+  it, and the next older one is tried.
 
   Args:
     manager: from `make_manager`.
@@ -73,15 +110,34 @@ def restore_latest(manager: ocp.CheckpointManager,
 
   Returns:
     ``(state, meta)``, or None when the directory holds no finished checkpoint.
+
+  Raises:
+    CheckpointCorruptError: checkpoints exist but none is readable.
   """
-  step = manager.latest_step()
-  if step is None:
+  if manager.latest_step() is None:
     return None
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(item=abstract_state,
-                                   restore_args=_restore_args(abstract_state)),
-      meta=ocp.args.JsonRestore()))
+  restored, _ = _restore_newest_readable(manager, lambda step: manager.restore(
+      step, args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(item=abstract_state,
+                                       restore_args=_restore_args(abstract_state)),
+          meta=ocp.args.JsonRestore())))
   return restored.state, dict(restored.meta)
+
+
+def read_latest_meta(workdir: str) -> dict | None:
+  """The JSON ``meta`` of the newest readable checkpoint of ``workdir`` (None: no checkpoint).
+
+  Only the small JSON item is read; an unreadable step is skipped with a warning.
+  """
+  if latest_step(workdir) is None:
+    return None
+  manager = make_manager(workdir, read_only=True)
+  try:
+    restored, _ = _restore_newest_readable(manager, lambda step: manager.restore(
+        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())))
+  finally:
+    manager.close()
+  return dict(restored.meta)
 
 
 def latest_step(workdir: str) -> int | None:
@@ -112,6 +168,8 @@ def restore_ema_params(workdir: str, config: ml_collections.ConfigDict,
 
   Raises:
     CheckpointNotFoundError: if ``workdir`` has no finished checkpoint.
+    CheckpointCorruptError: if no checkpoint is readable (an unreadable newest one is skipped
+      with a warning and the next older one used).
   """
   from ddm_ood import sharding
   from ddm_ood import unet
@@ -129,18 +187,18 @@ def restore_ema_params(workdir: str, config: ml_collections.ConfigDict,
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
   manager = make_manager(workdir, read_only=True)
   try:
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(item={'ema_params': abstract},
-                                     restore_args={'ema_params': _restore_args(abstract)},
-                                     partial_restore=True)))
-  except (ValueError, KeyError) as e:
-    raise ValueError(
-        f'Checkpoint {step} in {checkpoint_dir(workdir)} does not match the network of this '
-        f'config (config.model / config.data.image_size / channels): {e}') from e
+    restored, step = _restore_newest_readable(manager, lambda s: manager.restore(
+        s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item={'ema_params': abstract}, restore_args={'ema_params': _restore_args(abstract)},
+            partial_restore=True))))
+  except CheckpointCorruptError as e:
+    raise CheckpointCorruptError(
+        f'{e} If the checkpoints are intact, config.model / config.data.image_size / channels '
+        'may not match the trained network.') from None
   finally:
     manager.close()
   return restored.state['ema_params'], int(step)
 
 
-__all__ = ['CheckpointNotFoundError', 'checkpoint_dir', 'make_manager', 'save',
+__all__ = ['CheckpointNotFoundError', 'CheckpointCorruptError', 'read_latest_meta', 'checkpoint_dir', 'make_manager', 'save',
            'restore_latest', 'latest_step', 'restore_ema_params']

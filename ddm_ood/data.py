@@ -96,7 +96,7 @@ def to_channels(x: np.ndarray, channels: int) -> np.ndarray:
 def _resize_matrix(n_in: int, n_out: int, method: str) -> np.ndarray:
   """[n_out, n_in] float32 1-D resampling matrix of ``jax.image.resize`` (antialiased)."""
   import jax  # pylint: disable=g-import-not-at-top
-  with jax.default_device(jax.devices('cpu')[0]):
+  with jax.default_device(jax.local_devices(backend='cpu')[0]):  # this process's own CPU
     # jax.image.resize is separable and linear, so resizing the identity along one axis (the
     # other keeps its size: exact identity weights) yields the 1-D weight matrix.
     m = jax.image.resize(np.eye(n_in, dtype=np.float32), (n_out, n_in), method=method,
@@ -451,13 +451,35 @@ def _synthetic_loader(name: str):
 # ------------------------------------------------------------------------------------- folder
 
 
+def _file_id(path: str):
+  try:
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino)
+  except OSError:  # a broken link: keep it, so loading names it
+    return path
+
+
 def _image_files(root: str) -> list[str]:
-  files = []
+  """Image files under ``root`` (symlinks followed), each real file once: a directory reached
+  twice (a symlink loop or a second link to it) is walked once, and files reached by several
+  paths count once (the first path in sorted order is kept)."""
+  files, seen_dirs = [], set()
   for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    dir_id = _file_id(dirpath)
+    if dir_id in seen_dirs:
+      dirnames[:] = []
+      continue
+    seen_dirs.add(dir_id)
     dirnames.sort()
     files.extend(os.path.join(dirpath, f) for f in filenames
                  if f.lower().endswith(IMAGE_EXTENSIONS))
-  return sorted(files)
+  unique, seen_files = [], set()
+  for f in sorted(files):
+    file_id = _file_id(f)
+    if file_id not in seen_files:
+      seen_files.add(file_id)
+      unique.append(f)
+  return unique
 
 
 def folder_files(path: str, split: str) -> list[str]:
@@ -503,7 +525,9 @@ def _pil_load(path: str, channels: int, size: int) -> np.ndarray:
       img = ImageOps.exif_transpose(img)
       if img.mode.startswith('I;16') or img.mode in ('I', 'F'):
         a = np.asarray(img, np.float32)
-        scale = 257.0 if a.max() > 255 else 1.0  # 16-bit data -> 8 bit
+        # By the format's bit depth, never by content (a dark 16-bit image stays dark): 'I;16*'
+        # and 'I' (Pillow's mode for 16-bit PNG) span 0..65535; 'F' is taken as 0..255.
+        scale = 1.0 if img.mode == 'F' else 65535.0 / 255.0
         img = Image.fromarray(np.clip(np.round(a / scale), 0, 255).astype(np.uint8))
       elif img.mode == 'P':
         img = img.convert('RGBA')  # palette (with or without transparency)
@@ -756,7 +780,8 @@ def load_images(name: str, split: str, data_cfg: ml_collections.ConfigDict, *,
     name: a registered source (see :func:`available_sources`), 'tfds:NAME' or 'folder:PATH'.
     split: 'train' or 'test'.
     data_cfg: ``config.data`` (uses image_size, channels, data_dir, texture_crops,
-      synthetic_examples).
+      synthetic_examples, resize_via: > 0 resizes every image to resize_via x resize_via
+      first, then to image_size).
     max_examples: > 0: only the first ``max_examples`` images of the source's fixed order.
     seed: seeds the random texture crops and synthetic controls (natural sources ignore it).
     process_split: TFDS only: read this JAX process's shard (``tfds.split_for_jax_process``)
@@ -780,6 +805,9 @@ def load_images(name: str, split: str, data_cfg: ml_collections.ConfigDict, *,
     raise DataError(f'Source {name!r} split {split!r} produced no images.')
   if x.shape[-1] > channels:
     x = to_channels(x, channels)  # cheaper before resizing
+  via = int(data_cfg.get('resize_via', 0))
+  if via:  # DiffPath's "correct resizing": no set keeps more detail than a via x via image
+    x = resize_images(x, via)
   x = resize_images(x, size)
   x = to_channels(x, channels)
   x = np.clip(x, -1.0, 1.0, out=x)

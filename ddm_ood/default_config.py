@@ -21,6 +21,8 @@ def get_config() -> ml_collections.ConfigDict:
   data.max_train_examples = 0      # 0 = all training images of the source.
   data.texture_crops = 2000        # Crops per split for the GIMP 'textures' source.
   data.synthetic_examples = 1000   # Images per split for noise / constant controls.
+  data.resize_via = 0              # >0: resize every image to this size first, then to
+                                   # image_size (DiffPath's "correct resizing"; 0 = off).
 
   # ---------------------------------------------------------------- model
   config.model = model = ml_collections.ConfigDict()
@@ -31,6 +33,13 @@ def get_config() -> ml_collections.ConfigDict:
   model.num_heads = 4
   model.dropout = 0.1
   model.num_groups = 8             # GroupNorm groups (32 in ADM; must divide every width).
+  # improved-diffusion (ADM) compatibility, for converted PyTorch checkpoints (ddm_ood/convert.py):
+  model.norm_eps = 1e-6            # GroupNorm epsilon (PyTorch / ADM: 1e-5).
+  model.learn_sigma = False        # 2 x channels outputs (eps, variance); only eps is used.
+  model.downsample_padding = 'same'  # 'same' (flax, pads (0, 1)) or 'symmetric' (PyTorch, (1, 1)).
+  model.rescale_timesteps = False  # The network sees t * 1000 / diffusion.num_timesteps.
+  model.compute_dtype = 'auto'     # Activations: 'auto' (bfloat16 on TPU/GPU, float32 on CPU),
+                                   # 'float32' or 'bfloat16'; parameters always float32.
 
   # ---------------------------------------------------------------- diffusion
   config.diffusion = diffusion = ml_collections.ConfigDict()
@@ -55,6 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
   train.sample_steps = 50          # DDIM steps for the sample grid.
   train.debug_sleep_per_step = 0.0 # Seconds slept after each step (tests interrupt runs with it).
   train.debug_nan_step = -1        # >= 0: make that step's loss NaN (tests the NaN guard).
+  train.debug_sigkill_in_save_step = -1  # >= 0: SIGKILL itself while saving that step (tests).
 
   # ---------------------------------------------------------------- trajectory scorer
   config.scorer = scorer = ml_collections.ConfigDict()
@@ -72,6 +82,8 @@ def get_config() -> ml_collections.ConfigDict:
   scorer.ssim_k2 = 0.03
   scorer.chunk = 0                 # >0: evaluate images in chunks of this size (bounds memory).
   scorer.batch_size = 128          # Images per compiled call during feature extraction.
+  scorer.memory_budget_gb = 0.0    # Per-device memory the scorer may use; batch and chunk are
+                                   # lowered to fit (0 = auto: 75% of an accelerator, CPU no limit).
 
   # ---------------------------------------------------------------- detector
   config.detector = detector = ml_collections.ConfigDict()

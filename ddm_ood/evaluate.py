@@ -21,17 +21,20 @@ from typing import Any
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from ddm_ood import checkpoint
 from ddm_ood import data
 from ddm_ood import detector
+from ddm_ood import memory
 from ddm_ood import metrics
 from ddm_ood import scorer
 from ddm_ood import sharding
 from ddm_ood import schedule as schedule_lib
 from ddm_ood import unet
+from ddm_ood import workdir as workdir_lib
 
 # Purpose tag folded into the seed for scoring noise (training uses other tags).
 SCORER_KEY_TAG = 1
@@ -63,15 +66,24 @@ class FeatureExtractor:
     self.schedule = schedule_lib.make_schedule(self.config.diffusion.schedule,
                                                self.config.diffusion.num_timesteps)
     self.kinds = tuple(self.config.eval.feature_kinds)
+    n_dev = jax.device_count()
+    # Batch a multiple of the device count; chunk (if any) a multiple of it that divides the batch
+    # (each device then scores its own rows) and small enough for config.scorer.memory_budget_gb.
+    self.batch_size, chunk = memory.plan_for_config(
+        self.config, unet.param_count(self.params), n_dev, jax.devices()[0])
+    scorer_cfg = self.config.scorer
+    if chunk != int(scorer_cfg.chunk):
+      logging.info('Feature extraction: batch %d, chunk %d (config: batch %d, chunk %d; %d '
+                   'devices, memory budget).', self.batch_size, chunk, scorer_cfg.batch_size,
+                   scorer_cfg.chunk, n_dev)
+      scorer_cfg = scorer_cfg.copy_and_resolve_references()
+      scorer_cfg.chunk = chunk
     score_fn = scorer.make_trajectory_scorer(
-        lambda p, x, t: self.model.apply(p, x, t), self.schedule, self.config.scorer, self.kinds)
+        lambda p, x, t: self.model.apply(p, x, t), self.schedule, scorer_cfg, self.kinds)
     self.mesh = sharding.data_mesh()
     self._params = sharding.replicate(self.params, self.mesh)
     self.key = scorer_key(self.config.seed)
     self._score = jax.jit(score_fn)
-    n_dev = jax.device_count()
-    bs = self.config.scorer.batch_size
-    self.batch_size = -(-bs // n_dev) * n_dev  # a multiple of the device count
 
   def _cache_path(self, dataset: str, split: str, num: int) -> str:
     c = self.config
@@ -79,8 +91,13 @@ class FeatureExtractor:
                     diffusion=c.diffusion.to_dict(),
                     data={k: c.data[k] for k in ('image_size', 'channels', 'data_dir',
                                                  'texture_crops', 'synthetic_examples')})
+    if c.data.get('resize_via', 0):  # only when set, so existing caches stay valid
+      settings['data']['resize_via'] = int(c.data.resize_via)
     settings['scorer'].pop('batch_size', None)  # results do not depend on it
     settings['scorer'].pop('chunk', None)
+    settings['scorer'].pop('memory_budget_gb', None)
+    if self.model.dtype != jnp.float32:  # only then, so existing float32 caches stay valid
+      settings['compute_dtype'] = jnp.dtype(self.model.dtype).name
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=list).encode()).hexdigest()
     return os.path.join(self.cache_dir, f'step_{self.step:08d}',
                         f'{safe_name(dataset)}__{split}__n{num}__{digest[:12]}.npz')
@@ -93,12 +110,23 @@ class FeatureExtractor:
       'per_timestep_deriv/<kind>' [N, K_kind - 1, 3] (`scorer.kind_timesteps`).
     """
     path = self._cache_path(dataset, split, num) if self.cache_dir else ''
+    cached = None
     if path and os.path.exists(path):
-      with np.load(path) as f:
-        return dict(f)
+      try:
+        with np.load(path) as f:
+          cached = dict(f)
+      except Exception as e:  # pylint: disable=broad-except  # BadZipFile, EOFError, ValueError...
+        logging.warning('Feature cache %s is unreadable (%s: %s); recomputing it.', path,
+                        type(e).__name__, e)
+    # Recomputing is collective: all hosts take the same branch, even if one cannot see the file
+    # (a host-local disk, or process 0 still writing it).
+    if sharding.all_processes(cached is not None):
+      return cached
     images = data.load_images(dataset, split, self.config.data, max_examples=num,
                               seed=self.config.seed)
-    out = self.features_of(images, label=f'{dataset}/{split}')
+    # A dataset's images are named by their index in its fixed order.
+    out = self.features_of(images, np.arange(images.shape[0], dtype=np.int32),
+                           label=f'{dataset}/{split}')
     if path and jax.process_index() == 0:
       os.makedirs(os.path.dirname(path), exist_ok=True)
       tmp = path + '.tmp.npz'
@@ -108,10 +136,18 @@ class FeatureExtractor:
 
   def features_of(self, images: np.ndarray, image_ids: np.ndarray | None = None,
                   label: str = 'images') -> dict[str, np.ndarray]:
-    """Features of an in-memory array of images [N, H, W, C] in [-1, 1] (ids default 0..N-1)."""
+    """Features of an in-memory array of images [N, H, W, C] in [-1, 1].
+
+    ``image_ids`` [N] int32 name the images (their noise); by default a hash of each image's
+    pixels (`scorer.content_ids`), so results do not depend on the order or batching.
+    """
     scorer.validate_images(images, self.config.data.image_size, self.config.data.channels)
     n = images.shape[0]
-    ids = np.arange(n, dtype=np.int32) if image_ids is None else np.asarray(image_ids, np.int32)
+    if image_ids is None:
+      ids = np.concatenate([np.asarray(_content_ids(images[i:i + 1024]))
+                            for i in range(0, n, 1024)]) if n else np.zeros(0, np.int32)
+    else:
+      ids = np.asarray(image_ids, np.int32)
     bs = self.batch_size
     n_hosts, host = jax.process_count(), jax.process_index()
     local = bs // n_hosts
@@ -131,6 +167,9 @@ class FeatureExtractor:
         dt = time.time() - t0
         logging.info('features %s: %d/%d images, %.1f images/s', label, done, n, done / dt)
     return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+
+
+_content_ids = jax.jit(scorer.content_ids)
 
 
 def _flatten(out: dict) -> dict[str, jax.Array]:
@@ -167,9 +206,20 @@ def run_suite(config: ml_collections.ConfigDict, workdir: str, *,
 
   Returns:
     The results dict (as in results.json).
+
+  Raises:
+    workdir.WorkdirError: a bad config or source name (checked before any work), a network config
+      that differs from the checkpoint's, or another process holding the workdir.
   """
+  workdir = workdir_lib.check_workdir_path(workdir)
+  workdir_lib.validate_config(config, 'evaluate')
+  with workdir_lib.lock(workdir):
+    workdir_lib.check_compatible(config, workdir)
+    return _run_suite(config, workdir, print_table, make_report)
+
+
+def _run_suite(config, workdir, print_table, make_report):
   t_start = time.time()
-  workdir = os.path.abspath(workdir)
   ev = config.eval
   unknown = set(ev.feature_kinds) - set(scorer.FEATURE_KINDS)
   if unknown:

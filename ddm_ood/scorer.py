@@ -12,9 +12,9 @@ kind            trajectory  per-timestep map v_k                                
 ==============  ==========  =========================================================  ====
 'stein_ssim'    cfg.mode    w(SSIM_k) * e_k,  e_k = eps_theta_k - eps_target_k (/sigma)  6
 'stein'         cfg.mode    e_k                                                          6
-'eps_ssim'      cfg.mode    w(SSIM_k) * eps_theta_k   (raw network output, never scaled)  6
-'diffpath_6d'   ddim        eps_theta_k                                                  6
-'diffpath_1d'   ddim        sqrt(sum_k <D eps_theta_k>_2)                                1
+'eps_ssim'      cfg.mode    w(SSIM_k) * eps_theta_k   (never scaled; eps'_k on ddim)      6
+'diffpath_6d'   ddim        eps'_k  (DiffPath's eps, re-derived from the clipped x0hat)  6
+'diffpath_1d'   ddim        sqrt(sum_k <D eps'_k>_2)                                     1
 'stein_ssim_ddim' ddim      as 'stein_ssim' (the forward-vs-ddim ablation in one run)      6
 'stein_ddim'    ddim        as 'stein'                                                   6
 ==============  ==========  =========================================================  ====
@@ -45,7 +45,15 @@ Trajectories:
   ``eps'_k = (x_k - sqrt(abar_k) x0hat_k) / sigma_k`` and
   ``x_{k+1} = sqrt(abar_{k+1}) x0hat_k + sigma_{k+1} eps'_k``. The target is
   ``eps*_k = (x_k - sqrt(abar_k) x0) / sigma_k``. No randomness: ``key``, ``noise`` and
-  ``num_draws`` are ignored. The features use the raw network output ``eps_theta_k``.
+  ``num_draws`` are ignored. On this path every kind uses ``eps'_k`` where the table says
+  ``eps_theta_k`` (``Trajectory.eps_theta`` holds it): exactly the eps that DiffPath's
+  ``ddim_reverse_sample`` returns, so 'diffpath_6d' / 'diffpath_1d' equal the statistics of its
+  ``save_*_statistics.py`` for the same weights and images (tests/test_diffpath_reference.py), and
+  the seed kinds in ``mode='ddim'`` and the '*_ddim' ablations see the same eps (then
+  ``e_k = eps'_k - eps*_k = sqrt(abar_k) (x0 - x0hat_k) / sigma_k``). ``eps'_k`` differs from the
+  raw network output wherever the clip is active: at t = 0 and at saturated (-1 / +1) pixels.
+  The grid ``k T // K`` is DiffPath's respaced ``ddimK`` grid whenever K divides T (e.g. 0, 400,
+  ..., 3600 for ddim10 on T = 4000), and ``D`` uses its ``np.diff(...) * K``.
 
 SSIM map per timestep, same size as the image (`ddm_ood.ssim.ssim_map`, Gaussian 11 / 1.5):
 
@@ -230,6 +238,27 @@ def _timestep_coefficients(schedule: schedule_lib.Schedule, ts: np.ndarray):
   return schedule.sqrt_alphas_cumprod[ts], schedule.sigmas[ts]
 
 
+def _ddim_coefficients(schedule: schedule_lib.Schedule, ts: np.ndarray):
+  """DiffPath's float32 DDIM coefficients at the grid ts: r, c, sqrt(abar_next), sigma_next [K].
+
+  ``r = 1 / sqrt(abar)`` and ``c = sqrt(1 / abar - 1)`` are rounded from float64 (abar from the
+  cumulative product of the betas in float64), and the next state's ``sqrt(abar_next)``,
+  ``sqrt(1 - abar_next)`` are computed from float32 ``abar_next`` in float32, with ``abar_next = 0``
+  after the last step, all as improved-diffusion does. At t = 0, ``r - 1 ~ 5e-6`` is a few float32
+  ulps, and eps'_0 at a clipped pixel is ``(r - 1) / c``: rounding r any other way moves it by
+  ~4e-5. A traced schedule (no concrete betas) falls back to float32 arithmetic.
+  """
+  try:
+    betas = np.asarray(schedule.betas, np.float64)
+  except jax.errors.TracerArrayConversionError:
+    a, s = _timestep_coefficients(schedule, ts)
+    return 1.0 / a, s / a, jnp.append(a[1:], 0.0), jnp.append(s[1:], 1.0)
+  abar = np.cumprod(1.0 - betas)[ts]
+  abar_next = np.append(abar[1:], 0.0).astype(np.float32)
+  return (np.sqrt(1.0 / abar).astype(np.float32), np.sqrt(1.0 / abar - 1).astype(np.float32),
+          np.sqrt(abar_next), np.sqrt(np.float32(1) - abar_next))
+
+
 def _bk(v: jax.Array) -> jax.Array:
   """[K] -> [K, 1, 1, 1] to broadcast against [..., K, H, W, C]."""
   return v[:, None, None, None]
@@ -278,6 +307,12 @@ def ddim_trajectory(apply_fn: ApplyFn, schedule: schedule_lib.Schedule, ts: np.n
                     params, x0: jax.Array) -> Trajectory:
   """DiffPath's deterministic DDIM inversion of ONE image from x_{t_0} = x0, as a lax.scan.
 
+  Step k is DiffPath's ``ddim_reverse_sample`` (``clip_denoised=True``) with its float32
+  coefficients (`_ddim_coefficients`) and order of operations, ``r_k = 1 / sqrt(abar_k)``,
+  ``c_k = sqrt(1 / abar_k - 1)``:
+  ``x0hat_k = clip(r_k x_k - c_k eps_theta(x_k, t_k), -1, 1)``, ``eps'_k = (r_k x_k - x0hat_k) / c_k``
+  and ``x_{k+1} = sqrt(abar_{k+1}) x0hat_k + sigma_{k+1} eps'_k``.
+
   Args:
     apply_fn: eval-mode network.
     schedule: diffusion schedule.
@@ -286,24 +321,24 @@ def ddim_trajectory(apply_fn: ApplyFn, schedule: schedule_lib.Schedule, ts: np.n
     x0: one image [H, W, C] float32.
 
   Returns:
-    A `Trajectory` with arrays [1, K, H, W, C]; eps_target_k = (x_k - sqrt(abar_k) x0) / sigma_k.
+    A `Trajectory` with arrays [1, K, H, W, C] whose ``eps_theta`` is DiffPath's eps'_k (re-derived
+    from the clipped x0hat; it differs from the raw network output wherever clipping is active:
+    t = 0 and saturated pixels); eps_target_k = (x_k - sqrt(abar_k) x0) / sigma_k.
   """
   a, s = _timestep_coefficients(schedule, ts)
-  # Coefficients of the next state; the last step's successor is never used.
-  a_next = jnp.concatenate([a[1:], a[-1:]])
-  s_next = jnp.concatenate([s[1:], s[-1:]])
+  r, c, a_next, s_next = _ddim_coefficients(schedule, ts)
 
   def step(x, inp):
-    t, a_k, s_k, a_n, s_n = inp
+    t, r_k, c_k, a_n, s_n = inp
     eps = jnp.asarray(apply_fn(params, x[None], t[None]), jnp.float32)[0]
-    x0hat = jnp.clip((x - s_k * eps) / a_k, -1.0, 1.0)
-    eps_clipped = (x - a_k * x0hat) / s_k
-    return a_n * x0hat + s_n * eps_clipped, (x, eps)
+    x0hat = jnp.clip(r_k * x - c_k * eps, -1.0, 1.0)
+    eps_clipped = (r_k * x - x0hat) / c_k
+    return x0hat * a_n + s_n * eps_clipped, (x, eps_clipped)
 
-  _, (x_t, eps_theta) = jax.lax.scan(
-      step, x0, (jnp.asarray(ts, jnp.int32), a, s, a_next, s_next))
+  _, (x_t, eps_path) = jax.lax.scan(
+      step, x0, (jnp.asarray(ts, jnp.int32), r, c, a_next, s_next))
   eps_target = (x_t - _bk(a) * x0) / _bk(s)
-  return Trajectory(x_t[None], eps_theta[None], eps_target[None], a, s)
+  return Trajectory(x_t[None], eps_path[None], eps_target[None], a, s)
 
 
 # ------------------------------------------------------------------------------ maps & features
@@ -555,7 +590,39 @@ def trajectory_maps(apply_fn: ApplyFn, schedule: schedule_lib.Schedule, scorer_c
   return out
 
 
+def _mix32(h: jax.Array) -> jax.Array:
+  """MurmurHash3's 32-bit finaliser (uint32 in, uint32 out; wraps modulo 2^32)."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+def content_ids(images: jax.Array) -> jax.Array:
+  """Image ids derived from the pixels alone: a 32-bit hash of each image's float32 bits.
+
+  The default ids when a caller names no ids: the same image then gets the same trajectory noise
+  (and score) in any batch, position or batch size. Jittable and exact (integer arithmetic,
+  whose wrapping sum does not depend on reduction order); -0.0 hashes as 0.0.
+
+  Args:
+    images: [B, H, W, C] float (cast to float32).
+
+  Returns:
+    int32 [B].
+  """
+  x = jnp.asarray(images, jnp.float32)
+  x = jnp.where(x == 0, jnp.float32(0), x).reshape(x.shape[0], -1)
+  bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  pos = jnp.arange(bits.shape[1], dtype=jnp.uint32)
+  mixed = _mix32(bits ^ _mix32(pos * jnp.uint32(0x9E3779B9) + jnp.uint32(1)))
+  h = _mix32(jnp.sum(mixed, axis=1, dtype=jnp.uint32) ^ jnp.uint32(bits.shape[1]))
+  return jax.lax.bitcast_convert_type(h, jnp.int32)
+
+
 __all__ = ['FEATURE_KINDS', 'FEATURE_DIMS', 'MODES', 'EPS_SSIM_CLIP', 'EPS_SSIM_MAX_VAL',
+           'content_ids',
            'Trajectory', 'check_scorer_config', 'kind_timesteps', 'validate_images',
            'forward_trajectory', 'ddim_trajectory', 'denoised_estimate', 'trajectory_ssim',
            'ssim_weight', 'stein_error', 'power_sums', 'six_d_features', 'make_trajectory_scorer',

@@ -69,13 +69,40 @@ def pad_to_multiple(x: np.ndarray, multiple: int) -> tuple[np.ndarray, np.ndarra
   return np.concatenate([x, pad], axis=0), mask
 
 
-def maybe_initialize_distributed() -> None:
-  """Calls `jax.distributed.initialize()` on multi-host TPU/GPU clusters (no-op elsewhere).
+def maybe_initialize_distributed(coordinator_address: str | None = None,
+                                 num_processes: int | None = None,
+                                 process_id: int | None = None) -> None:
+  """Calls `jax.distributed.initialize` for multi-host runs (no-op on a single host).
 
-  Multi-host jobs are detected through the environment variables the cluster sets; single-host
-  runs (one CPU, one TPU VM, Colab) skip it.
+  Explicit arguments (all three, e.g. from main's ``--coordinator_address``, ``--num_processes``
+  and ``--process_id`` flags) start a job anywhere, e.g. several processes on one machine with
+  JAX's CPU collectives. Without them, multi-host jobs are detected through the environment
+  variables the cluster sets (TPU pod slices, SLURM, ``JAX_COORDINATOR_ADDRESS`` with a cluster
+  JAX auto-detects); single-host runs (one CPU, one TPU VM, Colab) skip it. Must run before
+  anything else touches JAX devices.
+
+  Args:
+    coordinator_address: 'host:port' of process 0's coordinator service.
+    num_processes: number of processes of the job.
+    process_id: this process's index in [0, num_processes).
+
+  Raises:
+    ValueError: only some of the three arguments were given, or they are out of range.
   """
   import os
+  explicit = (coordinator_address, num_processes, process_id)
+  if any(v is not None for v in explicit):
+    if any(v is None for v in explicit):
+      raise ValueError(
+          'A multi-process run needs all of --coordinator_address (host:port of process 0), '
+          f'--num_processes and --process_id; got coordinator_address={coordinator_address!r}, '
+          f'num_processes={num_processes}, process_id={process_id}.')
+    if not 0 <= process_id < num_processes:
+      raise ValueError(f'--process_id={process_id} must be in [0, --num_processes='
+                       f'{num_processes}).')
+    if num_processes > 1:
+      jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    return
   multi = any(os.environ.get(v) for v in (
       'JAX_COORDINATOR_ADDRESS', 'MEGASCALE_COORDINATOR_ADDRESS', 'SLURM_NTASKS'))
   tpu_hosts = os.environ.get('TPU_WORKER_HOSTNAMES', '')
@@ -85,6 +112,14 @@ def maybe_initialize_distributed() -> None:
     except RuntimeError as e:  # already initialised
       if 'already' not in str(e):
         raise
+
+
+def all_processes(flag: bool) -> bool:
+  """True when ``flag`` is True on every process (a collective: every process must call it)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(bool(flag)))))
 
 
 def to_host(x: jax.Array) -> np.ndarray:
@@ -97,4 +132,4 @@ def to_host(x: jax.Array) -> np.ndarray:
 
 __all__ = ['DATA_AXIS', 'data_mesh', 'batch_sharding', 'replicated_sharding', 'replicate',
            'global_batch_from_local', 'pad_to_multiple', 'maybe_initialize_distributed',
-           'to_host']
+           'all_processes', 'to_host']

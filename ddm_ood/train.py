@@ -8,12 +8,13 @@ Randomness is stateless: step ``s`` uses ``fold_in(base_key, s)`` split into (t,
 keys, and the batch of step ``s`` is rows ``[i*B, (i+1)*B)`` of the permutation
 ``default_rng((seed, epoch, 0))`` with ``epoch, i = divmod(s, steps_per_epoch)`` (`BatchStream`;
 hosts partition each global batch). Results therefore do not depend on device count, each global
-batch holds the same images for any host count (TFDS shards per host excepted), and a resumed run
+batch is the same array for any host count (TFDS shards per host excepted), and a resumed run
 continues the exact stream.
 
 Debug knobs (``config.train``, absent = off): ``debug_sleep_per_step`` (seconds slept after each
-step, lets tests interrupt a run mid-way) and ``debug_nan_step`` (>= 0: the loss of that step is
-made NaN, to exercise the non-finite-loss path).
+step, lets tests interrupt a run mid-way), ``debug_nan_step`` (>= 0: the loss of that step is
+made NaN, to exercise the non-finite-loss path) and ``debug_sigkill_in_save_step`` (>= 0: the
+process SIGKILLs itself right after starting the asynchronous save of that step's checkpoint).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from ddm_ood import sampling
 from ddm_ood import schedule as schedule_lib
 from ddm_ood import sharding
 from ddm_ood import unet
+from ddm_ood import workdir as workdir_lib
 
 # Purpose tags folded into jax.random.key(config.seed) (see docs/design.md, "Randomness").
 TAG_INIT = 1
@@ -185,9 +187,9 @@ class BatchStream:
   * ``sharded=False`` (in-memory sources; every host holds the full set): one permutation
     ``np.random.default_rng((seed, epoch, 0))`` per epoch, shared by all hosts; the global batch of
     step ``s`` is its rows ``[i G, (i + 1) G)`` (``G = process_count * local_batch_size``) and host
-    ``p`` reads the ``p``-th ``local_batch_size`` of them. The hosts partition each global batch,
-    which holds the same images for any number of hosts (each host sorts its own rows, so the row
-    order, and with it the pairing of images with per-row noise, depends on the host count).
+    ``p`` reads the ``p``-th ``local_batch_size`` of its sorted rows. The hosts partition each
+    global batch, which is the same array, row for row, for any number of hosts (so training
+    is too: each row's noise comes from its global position).
   * ``sharded=True`` (TFDS with ``split_for_jax_process``; each host holds its own shard): each host
     permutes its shard with ``default_rng((seed, epoch, process_index))``.
 
@@ -223,9 +225,12 @@ class BatchStream:
       rng = np.random.default_rng((self.seed, epoch, stream_id))
       self._perm, self._perm_epoch = rng.permutation(self.images.shape[0]), epoch
     start = index * self._rows_per_step
+    # Sort the whole global batch, then slice: hosts concatenated in order give the single-host
+    # batch row for row (rows pair with per-row noise, so the order matters, not just the set).
+    rows = np.sort(self._perm[start:start + self._rows_per_step])
     if not self.sharded:
-      start += self.process_index * self.local_batch_size
-    rows = np.sort(self._perm[start:start + self.local_batch_size])
+      rows = rows[self.process_index * self.local_batch_size:
+                  (self.process_index + 1) * self.local_batch_size]
     return self.images[rows].astype(np.float32) / 127.5 - 1.0
 
 
@@ -278,6 +283,25 @@ class _MetricWriter:
         writer.flush()
     except Exception:  # pylint: disable=broad-except
       self._tb = None
+
+  def truncate(self, step: int) -> None:
+    """Keeps the records of steps <= ``step`` (each once, in step order): on resume from a
+    checkpoint the steps logged after it by the interrupted run are dropped (they are redone)."""
+    if not self.enabled or not os.path.exists(self.path):
+      return
+    records = {}
+    with open(self.path) as f:
+      for line in f:
+        try:
+          r = json.loads(line)
+        except ValueError:  # a line cut short by a kill
+          continue
+        if isinstance(r, dict) and isinstance(r.get('step'), int) and r['step'] <= step:
+          records[r['step']] = line if line.endswith('\n') else line + '\n'
+    tmp = self.path + '.tmp'
+    with open(tmp, 'w') as f:
+      f.writelines(records[k] for k in sorted(records))
+    os.replace(tmp, self.path)
 
   def last_record(self) -> dict:
     if not os.path.exists(self.path):
@@ -350,6 +374,24 @@ def write_samples(config: ml_collections.ConfigDict, model: unet.UNet, ema_param
   return path
 
 
+def _set_aside_newer_steps(manager, step: int, workdir: str) -> None:
+  """Moves checkpoint steps newer than the restored ``step`` (unreadable ones, skipped by
+  `checkpoint.restore_latest`) to ``workdir/checkpoints_unreadable`` so training can save over
+  their step numbers; nothing is deleted."""
+  newer = [s for s in manager.all_steps() if s > step]
+  if not newer:
+    return
+  dest = os.path.join(workdir, 'checkpoints_unreadable')
+  os.makedirs(dest, exist_ok=True)
+  for s in newer:
+    src = os.path.join(str(manager.directory), str(s))
+    target = os.path.join(dest, f'{s}.{int(time.time())}')
+    os.replace(src, target)
+    logging.warning('Moved unreadable checkpoint %s to %s; training continues from step %d.',
+                    src, target, step)
+  manager.reload()
+
+
 def _load_training_images(config: ml_collections.ConfigDict) -> np.ndarray:
   images = data_lib.load_images(
       config.data.dataset, 'train', config.data, max_examples=config.data.max_train_examples,
@@ -380,8 +422,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Raises:
     FloatingPointError: the loss or gradient became NaN/inf (the bad state is not saved).
     SystemExit(0): after saving, when SIGTERM was received (preemption); rerun to resume.
+    workdir.WorkdirError: a bad config (e.g. ``train.num_steps <= 0``), a network config that
+      differs from the checkpoint's, or another process holding the workdir.
   """
-  workdir = os.path.abspath(workdir)
+  workdir = workdir_lib.check_workdir_path(workdir)
+  workdir_lib.validate_config(config, 'train')
+  with workdir_lib.lock(workdir):
+    workdir_lib.check_compatible(config, workdir)
+    return _train(config, workdir)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   is_main = jax.process_index() == 0
   if is_main:
     os.makedirs(workdir, exist_ok=True)
@@ -409,6 +460,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     else:
       state = jax.jit(init_fn, out_shardings=rep)()
     start = int(state.step)
+    if is_main:
+      _set_aside_newer_steps(manager, start, workdir)
+      writer.truncate(start)
     logging.info('UNet parameters: %s (%d devices, %d processes, global batch %d)',
                  f'{unet.param_count(state.params):,}', jax.device_count(), jax.process_count(),
                  tc.batch_size)
@@ -431,6 +485,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  num_steps)
     train_step = make_train_step(model, sched, tc, mesh)
     sleep = float(tc.get('debug_sleep_per_step', 0.0))
+    kill_in_save = int(tc.get('debug_sigkill_in_save_step', -1))
 
     def meta_for(step):
       epoch, index = stream.position(step)
@@ -485,6 +540,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                        'n/a' if sps is None else _format_eta((num_steps - step) / max(sps, 1e-9)))
         if save_now:
           ckpt_lib.save(manager, step, state, meta_for(step))
+          if step == kill_in_save:  # tests: a SIGKILL while Orbax writes this checkpoint
+            os.kill(os.getpid(), signal.SIGKILL)
         if sigterm.received and step < num_steps:
           preempted = True
           break

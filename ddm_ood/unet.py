@@ -13,7 +13,7 @@ GroupNorm only (no BatchNorm): a sample's output never depends on the rest of it
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -35,24 +35,70 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> j
 
 _zero_init = nn.initializers.zeros
 
+# Padding of the stride-2 downsampling conv, by config.model.downsample_padding.
+DOWNSAMPLE_PADDINGS = {'same': 'SAME', 'symmetric': ((1, 1), (1, 1))}
+
+
+class GroupNorm(nn.Module):
+  """GroupNorm over [B, ..., C] with the parameters of ``flax.linen.GroupNorm`` (scale, bias [C]).
+
+  Same result as flax's (float32 statistics, E[x^2] - E[x]^2), but the statistics are per-channel
+  sums over the spatial axes, combined into groups on [B, C], and the normalisation is one
+  ``x * a + d`` with per-(image, channel) a, d: flax reduces the 5-D grouped view
+  [B, H, W, G, C/G] and broadcasts back through it, which took half the CPU time of the UNet
+  forward (issue 12; 35% less CPU time per forward with this form).
+
+  Attributes:
+    num_groups: groups; must divide the channels.
+    epsilon: added to the variance.
+    dtype: output dtype (None: the input's).
+  """
+  num_groups: int = 32
+  epsilon: float = 1e-6
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c, g = x.shape[-1], self.num_groups
+    if c % g:
+      raise ValueError(f'GroupNorm: {c} channels are not divisible by num_groups={g} '
+                       '(config.model.num_groups must divide every width ch * ch_mult).')
+    scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
+    xf = x.astype(jnp.float32)
+    axes = tuple(range(1, x.ndim - 1))
+    n = math.prod(x.shape[a] for a in axes) * (c // g)
+    group = lambda v: v.reshape(x.shape[0], g, c // g).sum(-1) / n  # noqa: E731  [B, C] -> [B, G]
+    mean = group(jnp.sum(xf, axes))
+    var = jnp.maximum(group(jnp.sum(xf * xf, axes)) - mean * mean, 0.0)
+    a = jnp.repeat(jax.lax.rsqrt(var + self.epsilon), c // g, axis=-1) * scale   # [B, C]
+    d = bias - jnp.repeat(mean, c // g, axis=-1) * a
+    shape = (x.shape[0],) + (1,) * len(axes) + (c,)
+    return (xf * a.reshape(shape) + d.reshape(shape)).astype(self.dtype or x.dtype)
+
 
 class ResBlock(nn.Module):
   """GroupNorm-SiLU-conv residual block with a scale-shift timestep modulation."""
   out_ch: int
   dropout: float
   num_groups: int
+  norm_eps: float = 1e-6
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, emb, train: bool):
-    h = nn.silu(nn.GroupNorm(self.num_groups, name='norm1')(x))
-    h = nn.Conv(self.out_ch, (3, 3), name='conv1')(h)
-    scale_shift = nn.Dense(2 * self.out_ch, name='emb')(nn.silu(emb))[:, None, None, :]
+    h = nn.silu(GroupNorm(self.num_groups, epsilon=self.norm_eps, dtype=self.dtype,
+                             name='norm1')(x))
+    h = nn.Conv(self.out_ch, (3, 3), dtype=self.dtype, name='conv1')(h)
+    scale_shift = nn.Dense(2 * self.out_ch, dtype=self.dtype,
+                           name='emb')(nn.silu(emb))[:, None, None, :]
     scale, shift = jnp.split(scale_shift, 2, axis=-1)
-    h = nn.GroupNorm(self.num_groups, name='norm2')(h) * (1 + scale) + shift
+    h = GroupNorm(self.num_groups, epsilon=self.norm_eps, dtype=self.dtype,
+                     name='norm2')(h) * (1 + scale) + shift
     h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
-    h = nn.Conv(self.out_ch, (3, 3), kernel_init=_zero_init, name='conv2')(h)
+    h = nn.Conv(self.out_ch, (3, 3), kernel_init=_zero_init, dtype=self.dtype, name='conv2')(h)
     if x.shape[-1] != self.out_ch:
-      x = nn.Conv(self.out_ch, (1, 1), name='skip')(x)
+      x = nn.Conv(self.out_ch, (1, 1), dtype=self.dtype, name='skip')(x)
     return x + h
 
 
@@ -60,17 +106,20 @@ class AttnBlock(nn.Module):
   """Multi-head self-attention over the spatial positions, residual, zero-initialised output."""
   num_heads: int
   num_groups: int
+  norm_eps: float = 1e-6
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     b, h, w, c = x.shape
     if c % self.num_heads:
       raise ValueError(f'Attention width {c} is not divisible by num_heads={self.num_heads}.')
-    y = nn.GroupNorm(self.num_groups, name='norm')(x).reshape(b, h * w, c)
-    qkv = nn.Dense(3 * c, name='qkv')(y).reshape(b, h * w, 3, self.num_heads, c // self.num_heads)
+    y = GroupNorm(self.num_groups, epsilon=self.norm_eps, dtype=self.dtype,
+                     name='norm')(x).reshape(b, h * w, c)
+    qkv = nn.Dense(3 * c, dtype=self.dtype, name='qkv')(y).reshape(b, h * w, 3, self.num_heads, c // self.num_heads)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     y = jax.nn.dot_product_attention(q, k, v).reshape(b, h * w, c)
-    y = nn.Dense(c, kernel_init=_zero_init, name='proj')(y)
+    y = nn.Dense(c, kernel_init=_zero_init, dtype=self.dtype, name='proj')(y)
     return x + y.reshape(b, h, w, c)
 
 
@@ -86,6 +135,16 @@ class UNet(nn.Module):
     num_heads: attention heads.
     dropout: dropout rate inside residual blocks (active only with train=True).
     num_groups: GroupNorm groups.
+    norm_eps: GroupNorm epsilon (flax's 1e-6; PyTorch / improved-diffusion use 1e-5).
+    learn_sigma: the last conv has 2 * channels outputs (improved-diffusion's learned variance,
+      [eps, v]); only eps, the first ``channels``, is returned.
+    downsample_padding: 'same' (flax: a stride-2 3x3 conv pads (0, 1)) or 'symmetric' (pads
+      (1, 1), as PyTorch's ``padding=1`` in improved-diffusion).
+    timestep_scale: the network embeds t * timestep_scale (improved-diffusion's
+      ``rescale_timesteps``: 1000 / T); 1.0 embeds the integer timestep as is.
+    dtype: compute dtype of activations (`resolve_compute_dtype`); parameters stay float32,
+      GroupNorm statistics are float32 (flax computes them in at least float32) and the output
+      is cast to float32.
   """
   channels: int = 3
   ch: int = 128
@@ -95,6 +154,11 @@ class UNet(nn.Module):
   num_heads: int = 4
   dropout: float = 0.0
   num_groups: int = 32
+  norm_eps: float = 1e-6
+  learn_sigma: bool = False
+  downsample_padding: str = 'same'
+  timestep_scale: float = 1.0
+  dtype: Any = jnp.float32
 
   @property
   def downsample_factor(self) -> int:
@@ -122,14 +186,21 @@ class UNet(nn.Module):
   def __call__(self, x: jax.Array, t: jax.Array, train: bool = False) -> jax.Array:
     """Predicts the noise eps [B, H, W, C] of x_t [B, H, W, C] at timesteps t [B]."""
     self.check_input(x, t)
+    if self.downsample_padding not in DOWNSAMPLE_PADDINGS:
+      raise ValueError(f'downsample_padding must be one of {tuple(DOWNSAMPLE_PADDINGS)}, got '
+                       f'{self.downsample_padding!r} (config.model.downsample_padding).')
     emb_dim = 4 * self.ch
+    if self.timestep_scale != 1.0:
+      t = jnp.asarray(t, jnp.float32) * jnp.float32(self.timestep_scale)
     emb = timestep_embedding(t, self.ch)
-    emb = nn.Dense(emb_dim, name='temb_dense0')(emb)
-    emb = nn.Dense(emb_dim, name='temb_dense1')(nn.silu(emb))
+    emb = nn.Dense(emb_dim, dtype=self.dtype, name='temb_dense0')(emb)
+    emb = nn.Dense(emb_dim, dtype=self.dtype, name='temb_dense1')(nn.silu(emb))
 
-    res_kw = dict(dropout=self.dropout, num_groups=self.num_groups)
-    attn_kw = dict(num_heads=self.num_heads, num_groups=self.num_groups)
-    h = nn.Conv(self.ch, (3, 3), name='conv_in')(x)
+    res_kw = dict(dropout=self.dropout, num_groups=self.num_groups, norm_eps=self.norm_eps,
+                  dtype=self.dtype)
+    attn_kw = dict(num_heads=self.num_heads, num_groups=self.num_groups, norm_eps=self.norm_eps,
+                   dtype=self.dtype)
+    h = nn.Conv(self.ch, (3, 3), dtype=self.dtype, name='conv_in')(x)
     skips = [h]
     for level, mult in enumerate(self.ch_mult):
       for i in range(self.num_res_blocks):
@@ -138,7 +209,9 @@ class UNet(nn.Module):
           h = AttnBlock(name=f'down_{level}_attn_{i}', **attn_kw)(h)
         skips.append(h)
       if level != len(self.ch_mult) - 1:
-        h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2), name=f'down_{level}_downsample')(h)
+        h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2),
+                    padding=DOWNSAMPLE_PADDINGS[self.downsample_padding], dtype=self.dtype,
+                    name=f'down_{level}_downsample')(h)
         skips.append(h)
 
     h = ResBlock(h.shape[-1], name='mid_res_0', **res_kw)(h, emb, train)
@@ -153,21 +226,46 @@ class UNet(nn.Module):
           h = AttnBlock(name=f'up_{level}_attn_{i}', **attn_kw)(h)
       if level != 0:
         h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)  # nearest-neighbour x2
-        h = nn.Conv(h.shape[-1], (3, 3), name=f'up_{level}_upsample')(h)
+        h = nn.Conv(h.shape[-1], (3, 3), dtype=self.dtype, name=f'up_{level}_upsample')(h)
     assert not skips
 
-    h = nn.silu(nn.GroupNorm(self.num_groups, name='norm_out')(h))
-    return nn.Conv(self.channels, (3, 3), kernel_init=_zero_init, name='conv_out')(h)
+    h = nn.silu(GroupNorm(self.num_groups, epsilon=self.norm_eps, dtype=self.dtype,
+                             name='norm_out')(h))
+    out_ch = 2 * self.channels if self.learn_sigma else self.channels
+    out = nn.Conv(out_ch, (3, 3), kernel_init=_zero_init, dtype=self.dtype, name='conv_out')(h)
+    out = out.astype(jnp.float32)
+    return out[..., :self.channels] if self.learn_sigma else out
+
+
+COMPUTE_DTYPES = ('auto', 'float32', 'bfloat16')
+
+
+def resolve_compute_dtype(name: str, backend: str) -> Any:
+  """config.model.compute_dtype -> a jnp dtype: 'auto' = bfloat16 on TPU/GPU, float32 on CPU."""
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(f'config.model.compute_dtype={name!r} is not one of {COMPUTE_DTYPES}.')
+  if name == 'auto':
+    name = 'float32' if backend == 'cpu' else 'bfloat16'
+  return jnp.dtype(name)
 
 
 def build_model(config: ml_collections.ConfigDict) -> UNet:
-  """Builds the UNet described by ``config.model`` for ``config.data.channels`` channels."""
+  """Builds the UNet described by ``config.model`` for ``config.data.channels`` channels.
+
+  ``config.diffusion.num_timesteps`` sets the timestep scale when ``model.rescale_timesteps``;
+  ``model.compute_dtype`` is resolved for the default backend (`resolve_compute_dtype`).
+  Fields missing from an older workdir's config.json take their defaults.
+  """
   m = config.model
   if config.data.channels not in (1, 3):
     raise ValueError(f'config.data.channels must be 1 or 3, got {config.data.channels}.')
+  scale = 1000.0 / config.diffusion.num_timesteps if m.get('rescale_timesteps', False) else 1.0
   return UNet(channels=config.data.channels, ch=m.ch, ch_mult=tuple(m.ch_mult),
               num_res_blocks=m.num_res_blocks, attn_resolutions=tuple(m.attn_resolutions),
-              num_heads=m.num_heads, dropout=m.dropout, num_groups=m.num_groups)
+              num_heads=m.num_heads, dropout=m.dropout, num_groups=m.num_groups,
+              norm_eps=m.get('norm_eps', 1e-6), learn_sigma=m.get('learn_sigma', False),
+              downsample_padding=m.get('downsample_padding', 'same'), timestep_scale=scale,
+              dtype=resolve_compute_dtype(m.get('compute_dtype', 'auto'), jax.default_backend()))
 
 
 def init_params(model: UNet, key: jax.Array, image_size: int):

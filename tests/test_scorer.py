@@ -120,13 +120,14 @@ def reference_scores(cfg, images, image_ids, key, kinds):
     return out
 
   def ddim(x0):
+    # eps_th holds DiffPath's eps' (re-derived from the clipped x0hat), not the raw network output.
     x, xs, eps_th = x0, [], []
     for k in range(K):
       eps = net(x, k)
       xs.append(x)
-      eps_th.append(eps)
       x0hat = np.clip((x - sg[k] * eps) / sa[k], -1, 1)
       eps_c = (x - sa[k] * x0hat) / sg[k]
+      eps_th.append(eps_c)
       if k + 1 < K:
         x = sa[k + 1] * x0hat + sg[k + 1] * eps_c
     eps_tg = [(xs[k] - sa[k] * x0) / sg[k] for k in range(K)]

@@ -1,0 +1,219 @@
+"""Guards of a run directory: validate before writing, match the checkpoint, one writer at a time.
+
+`python -m ddm_ood.main` calls, before it writes anything:
+
+* `validate_config`: the whole config and every named source, cheaply (names, folders exist and
+  hold images; nothing is loaded), so a typo fails in seconds instead of after training;
+* `check_compatible`: every field that defines the trained network (``MODEL_FIELDS``) equals the
+  checkpoint's saved config, so evaluating or resuming with another architecture, resolution or
+  schedule stops with the list of differing fields;
+* `lock`: an exclusive ``fcntl`` lock on ``workdir/.lock`` (released by the kernel when the process
+  exits or is killed), so a second writer is refused with the holder's pid.
+
+Only then is ``config.json`` written. Errors raised here are `WorkdirError` (one line each).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+from typing import Any, Iterator
+
+import ml_collections
+
+from ddm_ood import data as data_lib
+
+LOCK_FILE = '.lock'
+# Config sections / fields that define the trained network (anything else may change between the
+# training run and later evaluations).
+MODEL_FIELDS = ('data.image_size', 'data.channels', 'model', 'diffusion')
+# ... except these, which choose how the network is computed, not what it is.
+NON_MODEL_FIELDS = ('model.compute_dtype',)
+
+
+class WorkdirError(ValueError):
+  """A user-facing problem with the config or the workdir; the message says what to do."""
+
+
+class SourceError(WorkdirError, data_lib.DataError):
+  """A named data source that does not exist (also a `data.DataError`, as the loaders raise)."""
+
+
+def _as_json(config: ml_collections.ConfigDict | dict) -> dict:
+  if isinstance(config, ml_collections.ConfigDict):
+    return json.loads(config.to_json_best_effort())
+  return json.loads(json.dumps(config, default=list))
+
+
+def model_fields(config: ml_collections.ConfigDict | dict) -> dict[str, Any]:
+  """The fields of ``MODEL_FIELDS`` as a flat ``{'model.ch': 8, ...}`` dict (JSON values)."""
+  cfg = _as_json(config)
+  out = {}
+  for field in MODEL_FIELDS:
+    section, _, name = field.partition('.')
+    value = cfg.get(section, {})
+    if name:
+      out[field] = value.get(name) if isinstance(value, dict) else None
+    elif isinstance(value, dict):
+      out.update({f'{section}.{k}': v for k, v in value.items()})
+  return {k: v for k, v in out.items() if k not in NON_MODEL_FIELDS}
+
+
+def check_workdir_path(workdir: str) -> str:
+  """Absolute ``workdir``; raises `WorkdirError` if it exists and is not a directory."""
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise WorkdirError(f'--workdir={workdir} is a file, not a directory; pass a directory '
+                       '(a new or an existing run directory).')
+  return workdir
+
+
+def saved_config(workdir: str) -> dict | None:
+  """The config stored with the newest readable checkpoint of ``workdir`` (None if none)."""
+  from ddm_ood import checkpoint  # pylint: disable=g-import-not-at-top
+  meta = checkpoint.read_latest_meta(workdir)
+  if meta is not None and isinstance(meta.get('config'), dict):
+    return meta['config']
+  return None
+
+
+def check_compatible(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Raises `WorkdirError` unless the network fields of ``config`` match the checkpoint's.
+
+  Nothing is checked when ``workdir`` has no checkpoint yet (a new run).
+
+  Args:
+    config: the config of this run.
+    workdir: the run directory.
+  """
+  saved = saved_config(workdir)
+  if saved is None:
+    return
+  from ddm_ood import default_config  # pylint: disable=g-import-not-at-top
+  new, old = model_fields(config), model_fields(saved)
+  # Fields added after that run was trained had their default value then.
+  defaults = model_fields(default_config.get_config())
+  old = {k: (defaults.get(k) if old.get(k) is None else old[k]) for k in set(new) | set(old)}
+  diff = [f'{k}: checkpoint {old.get(k)!r} vs now {new.get(k)!r}'
+          for k in sorted(set(new) | set(old)) if new.get(k) != old.get(k)]
+  if diff:
+    raise WorkdirError(
+        f'The config does not match the model trained in {workdir} ({"; ".join(diff)}). These '
+        'fields define the trained network and cannot change after training: drop the '
+        'overrides (or use the config the run was trained with), or train in a new --workdir. '
+        'Nothing was written.')
+
+
+def _check_source(name: Any, splits: tuple[str, ...], what: str) -> None:
+  try:
+    data_lib.check_source_name(name)
+    if isinstance(name, str) and name.startswith('folder:'):
+      for split in splits:  # lists files only: cheap, and an empty folder fails here
+        data_lib.folder_files(name[len('folder:'):], split)
+  except data_lib.DataError as e:
+    raise SourceError(f'{what}: {e}') from e
+
+
+def validate_config(config: ml_collections.ConfigDict, mode: str = 'all') -> None:
+  """Cheap checks of the whole config and every named source, before any work starts.
+
+  Args:
+    config: the full config.
+    mode: 'train', 'evaluate' or 'all' (evaluation settings are checked unless 'train'; training
+      settings unless 'evaluate').
+
+  Raises:
+    WorkdirError: the first problem found, naming the field and what to do.
+  """
+  from ddm_ood import scorer  # pylint: disable=g-import-not-at-top
+  d = config.data
+  if int(d.image_size) <= 0:
+    raise WorkdirError(f'config.data.image_size must be positive, got {d.image_size}.')
+  if int(d.channels) not in (1, 3):
+    raise WorkdirError(f'config.data.channels must be 1 (gray) or 3 (RGB), got {d.channels}.')
+  if config.diffusion.schedule not in ('cosine', 'linear'):
+    raise WorkdirError(f"Unknown config.diffusion.schedule {config.diffusion.schedule!r}; "
+                       "choose 'cosine' or 'linear'.")
+  if int(config.diffusion.num_timesteps) <= 0:
+    raise WorkdirError('config.diffusion.num_timesteps must be positive, got '
+                       f'{config.diffusion.num_timesteps}.')
+  if mode in ('train', 'all'):
+    tc = config.train
+    for field in ('num_steps', 'batch_size', 'log_every', 'checkpoint_every', 'keep_checkpoints'):
+      if int(tc[field]) <= 0:
+        raise WorkdirError(f'config.train.{field} must be a positive integer, got {tc[field]}.')
+    _check_source(d.dataset, ('train',), 'config.data.dataset')
+  if mode in ('evaluate', 'all'):
+    ev = config.eval
+    unknown = sorted(set(ev.feature_kinds) - set(scorer.FEATURE_KINDS))
+    if unknown or not ev.feature_kinds:
+      raise WorkdirError(f'Unknown or no feature kind(s) {unknown} in config.eval.feature_kinds; '
+                         f'choose from {scorer.FEATURE_KINDS}.')
+    if not ev.id_datasets:
+      raise WorkdirError('config.eval.id_datasets is empty; name at least one ID set.')
+    for name in ev.id_datasets:
+      _check_source(name, ('train', 'test'), 'config.eval.id_datasets')
+    for name in ev.ood_datasets:
+      _check_source(name, ('test',), 'config.eval.ood_datasets')
+    if config.scorer.mode not in ('forward', 'ddim'):
+      raise WorkdirError(f"Unknown config.scorer.mode {config.scorer.mode!r}; choose 'forward' "
+                         "or 'ddim'.")
+
+
+# ------------------------------------------------------------------------------------ lock
+_held: dict[str, list] = {}  # workdir -> [file object, depth]: re-entrant within one process
+
+
+@contextlib.contextmanager
+def lock(workdir: str) -> Iterator[None]:
+  """Holds an exclusive lock on ``workdir`` (re-entrant in one process); refuses a second writer.
+
+  The lock is ``fcntl.flock`` on ``workdir/.lock``, which also records the holder's pid: the
+  kernel releases it when the process exits for any reason (SIGKILL included), so a stale file
+  never blocks. Multi-host jobs lock on process 0 only.
+
+  Raises:
+    WorkdirError: another process holds the lock (the message names its pid).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  workdir = os.path.abspath(workdir)
+  if jax.process_index() != 0:
+    yield
+    return
+  if workdir in _held:
+    _held[workdir][1] += 1
+    try:
+      yield
+    finally:
+      _held[workdir][1] -= 1
+    return
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, LOCK_FILE)
+  f = open(path, 'a+')
+  try:
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError as e:
+    f.seek(0)
+    holder = f.read().strip() or 'unknown'
+    f.close()
+    if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+      raise
+    raise WorkdirError(f'{workdir} is in use by another ddm_ood process (pid {holder}); wait '
+                       'for it to finish (or stop it), or use another --workdir.') from None
+  f.seek(0)
+  f.truncate()
+  f.write(f'{os.getpid()}\n')
+  f.flush()
+  _held[workdir] = [f, 1]
+  try:
+    yield
+  finally:
+    _held.pop(workdir)
+    f.close()  # closing the descriptor releases the flock
+
+
+__all__ = ['WorkdirError', 'SourceError', 'MODEL_FIELDS', 'model_fields', 'check_workdir_path', 'saved_config',
+           'check_compatible', 'validate_config', 'lock', 'LOCK_FILE']
