@@ -47,6 +47,20 @@ def load_config(path):
   return module.get_config()
 
 
+def forward_scorer_setup(config_path, num_steps):
+  """Config, UNet, random non-zero params, schedule and a forward K-step scorer config."""
+  from ddm_ood.schedule import make_schedule
+  from ddm_ood.unet import build_model, random_params
+  cfg = load_config(config_path)
+  model = build_model(cfg)
+  params = random_params(model, cfg.data.image_size)
+  schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps)
+  scfg = cfg.scorer
+  scfg.mode, scfg.num_steps, scfg.num_draws, scfg.chunk = 'forward', num_steps, 1, 0
+  scfg.t_min = 0   # the whole grid: K network evaluations per image
+  return cfg, model, params, schedule, scfg
+
+
 def real_images(n, size, channels):
   import skimage.data
   cam = skimage.data.camera().astype(np.float32) / 127.5 - 1
@@ -139,14 +153,7 @@ def devices_child(args, out_npy):
   cpu_devices.configure()
   from ddm_ood import scorer as scorer_lib
   from ddm_ood import sharding
-  from ddm_ood.schedule import make_schedule
-  from ddm_ood.unet import build_model, random_params
-  cfg = load_config(args.config)
-  model = build_model(cfg)
-  params = random_params(model, cfg.data.image_size)
-  schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps)
-  scfg = cfg.scorer
-  scfg.mode, scfg.num_steps, scfg.num_draws, scfg.t_min = 'forward', args.num_steps, 1, 0
+  cfg, model, params, schedule, scfg = forward_scorer_setup(args.config, args.num_steps)
   n_dev = jax.device_count()
   chunk = int(args.chunks.split(',')[0] or 0)
   scfg.chunk = -(-chunk // n_dev) * n_dev if chunk else 0
@@ -227,15 +234,8 @@ def main():
     return devices_child(args, args.devices_child)
 
   from ddm_ood import scorer as scorer_lib
-  from ddm_ood.schedule import make_schedule
-  from ddm_ood.unet import build_model, param_count, random_params
-  cfg = load_config(args.config)
-  model = build_model(cfg)
-  params = random_params(model, cfg.data.image_size)
-  schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps)
-  scfg = cfg.scorer
-  scfg.mode, scfg.num_steps, scfg.num_draws, scfg.chunk = 'forward', args.num_steps, 1, 0
-  scfg.t_min = 0   # the whole grid: K network evaluations per image
+  from ddm_ood.unet import param_count
+  cfg, model, params, schedule, scfg = forward_scorer_setup(args.config, args.num_steps)
   apply_fn = lambda p, x, t: model.apply(p, x, t)  # noqa: E731
   apply_jit = jax.jit(apply_fn)
   score = jax.jit(scorer_lib.make_trajectory_scorer(apply_fn, schedule, scfg, ('stein_ssim',)))
