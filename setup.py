@@ -22,6 +22,13 @@ setup(
         'scikit-learn',    # fitting the GaussianMixture detector (not needed at scoring time)
         'pillow',          # image folders
         'matplotlib',      # report plots
+        # Training metrics and progress (clu.metric_writers, clu.periodic_actions). clu's writer
+        # imports tensorboard and TensorFlow itself; TensorFlow's CPU-only build where it exists
+        # (it never claims an accelerator from JAX), the plain one elsewhere.
+        'clu',
+        'tensorboard',
+        "tensorflow-cpu; sys_platform != 'darwin' and platform_machine in 'x86_64 AMD64'",
+        "tensorflow; sys_platform == 'darwin' or platform_machine not in 'x86_64 AMD64'",
     ],
     extras_require={
         'tfds': ['tensorflow-cpu'],

@@ -50,7 +50,8 @@ def load_config(path):
 def forward_scorer_setup(config_path, num_steps):
   """Config, UNet, random non-zero params, schedule and a forward K-step scorer config."""
   from ddm_ood.schedule import make_schedule
-  from ddm_ood.unet import build_model, random_params
+  from ddm_ood.unet import build_model
+  from tests.train_helpers import random_params
   cfg = load_config(config_path)
   model = build_model(cfg)
   params = random_params(model, cfg.data.image_size)
@@ -110,7 +111,8 @@ def peer_loop(apply_jit, params, schedule, scfg, images, ids, key):
 
 def unet_child(config_path, out_npy):
   """Times the UNet forward at 64 x S x S x C in this process's XLA flags; saves the output."""
-  from ddm_ood.unet import build_model, random_params
+  from ddm_ood.unet import build_model
+  from tests.train_helpers import random_params
   cfg = load_config(config_path)
   model = build_model(cfg)
   params = random_params(model, cfg.data.image_size)

@@ -1,7 +1,7 @@
 """DiffPath's CelebA base model at paper scale (32x32 RGB, 52.5M-parameter ADM UNet, cosine
 T = 4000, AdamW 1e-4, batch 128, 500k steps, EMA 0.9999) and the standard OOD suite.
 
-Needs TFDS-prepared data (see ddm_ood/data.py) and an accelerator:
+Needs TFDS-prepared data (see ddm_ood/data/tfds_source.py) and an accelerator:
 
   python -m ddm_ood.main --config=configs/celeba.py --workdir=gs://.../celeba --mode=train
 """

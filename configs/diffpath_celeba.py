@@ -11,7 +11,7 @@ with T = 4000, rescale_timesteps; DiffPath scores with ddim10. 52,546,438 parame
   python -m ddm_ood.main --config=configs/diffpath_celeba.py --workdir=runs/diffpath_celeba \
       --mode=evaluate
 
-Needs TFDS-prepared data for the suite (see ddm_ood/data.py).
+Needs TFDS-prepared data for the suite (see ddm_ood/data/tfds_source.py).
 """
 
 from ddm_ood import convert

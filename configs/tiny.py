@@ -51,4 +51,6 @@ def get_config():
   config.eval.num_fit = 64
   config.eval.num_test = 32
   config.eval.num_examples_plot = 2
+  config.select.num_val = 24
+  config.select.t_mins = (0, 50)
   return config

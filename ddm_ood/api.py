@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from typing import Any, Callable
 
@@ -28,22 +27,27 @@ import numpy as np
 from ddm_ood import checkpoint
 from ddm_ood import detector
 from ddm_ood import evaluate
+from ddm_ood import features as features_lib
 from ddm_ood import schedule as schedule_lib
 from ddm_ood import scorer
 from ddm_ood import unet
-
-CONFIG_FILE = 'config.json'
+from ddm_ood import workdir as workdir_lib
 
 
 def make_anomaly_fn(apply_fn: Callable, schedule: schedule_lib.Schedule,
-                    scorer_cfg: ml_collections.ConfigDict, kind: str = 'stein_ssim') -> Callable:
+                    scorer_cfg: ml_collections.ConfigDict, kind: str = 'stein_ssim',
+                    draws: str | None = None) -> Callable:
   """Builds the pure function ``(unet_params, detector_params, images, image_ids, key) -> scores``.
 
   Args:
     apply_fn: ``apply_fn(params, x_t [N,H,W,C], t [N]) -> eps_theta`` (eval mode).
     schedule: the diffusion schedule the network was trained with.
     scorer_cfg: ``config.scorer``.
-    kind: feature kind the detector was fitted on.
+    kind: feature kind the detector was fitted on (`scorer.FEATURE_KINDS`).
+    draws: None when the detector was fitted on the kind's features (the DiffPath baselines);
+      'all' or 'first' when it was fitted on aggregated per-timestep statistics (the seed
+      family: ``detector_params`` is then ``(reducer, detector params)``, see
+      `ddm_ood.features` and `ddm_ood.selection.Setting`).
 
   Returns:
     A jittable function; ``images`` [B, H, W, C] float in [-1, 1], ``image_ids`` [B] int32 or
@@ -56,31 +60,19 @@ def make_anomaly_fn(apply_fn: Callable, schedule: schedule_lib.Schedule,
   def anomaly_fn(unet_params, detector_params, images, image_ids, key):
     if image_ids is None:
       image_ids = scorer.content_ids(images)
-    feats = score_fn(unet_params, images, image_ids, key)['features'][kind]
-    return detector.anomaly_score(detector_params, feats)
+    out = score_fn(unet_params, images, image_ids, key)
+    if draws is None:
+      return detector.anomaly_score(detector_params, out['features'][kind])
+    per_t, per_d = out['per_draw'][kind], out['per_draw_deriv'][kind]
+    if draws == 'first':
+      per_t, per_d = per_t[:, 0], per_d[:, 0]
+    else:
+      per_t, per_d = per_t.mean(1), per_d.mean(1)
+    reducer, det_params = detector_params
+    stats = features_lib.flatten_stats(per_t, per_d)
+    return detector.anomaly_score(det_params, features_lib.reduce(reducer, stats))
 
   return anomaly_fn
-
-
-def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Writes the run's config next to its checkpoints (read back by `load_config`)."""
-  if jax.process_index() != 0:
-    return
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, CONFIG_FILE)
-  with open(path + '.tmp', 'w') as f:
-    f.write(config.to_json_best_effort(indent=1))
-  os.replace(path + '.tmp', path)
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """Reads the config a workdir was trained and evaluated with."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'No {CONFIG_FILE} in {workdir}: is this a ddm_ood workdir? Run '
-                            '`python -m ddm_ood.main --config=... --workdir=...` first.')
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
 
 
 @dataclasses.dataclass
@@ -95,14 +87,16 @@ class AnomalyScorer:
   id_dataset: str
   step: int
   unet_params: Any
-  detector_params: detector.DetectorParams
+  detector_params: Any          # DetectorParams, or (Reducer, DetectorParams) when draws is set
   apply_fn: Callable
   schedule: schedule_lib.Schedule
   key: jax.Array
+  draws: str | None = None      # see make_anomaly_fn
+  scorer_kind: str | None = None  # the scorer kind of ``kind`` ('stein_ssim@oracle' -> 'stein_ssim')
 
   def __post_init__(self):
     self._fn = jax.jit(make_anomaly_fn(self.apply_fn, self.schedule, self.config.scorer,
-                                       self.kind))
+                                       self.scorer_kind or self.kind, self.draws))
 
   def __call__(self, images, image_ids=None) -> np.ndarray:
     """Anomaly scores [B] of images [B, H, W, C] in [-1, 1].
@@ -127,10 +121,11 @@ def load_anomaly_scorer(workdir: str, id_dataset: str | None = None,
   Args:
     workdir: a workdir that `python -m ddm_ood.main` trained and evaluated.
     id_dataset: which in-distribution set's detector to use (default: the first ID set).
-    kind: feature kind (default: the seed method, 'stein_ssim').
+    kind: a method of the results (default: the seed method's zero-shot default,
+      'stein_ssim'; also e.g. 'stein_ssim@published', 'stein_ssim@oracle', 'diffpath_6d').
   """
   workdir = os.path.abspath(workdir)
-  config = load_config(workdir)
+  config = workdir_lib.load_config(workdir)
   id_dataset = id_dataset or config.eval.id_datasets[0]
   path = evaluate.detector_path(workdir, id_dataset, kind)
   if not os.path.exists(path):
@@ -142,10 +137,14 @@ def load_anomaly_scorer(workdir: str, id_dataset: str | None = None,
   params, step = checkpoint.restore_ema_params(workdir, config)
   model = unet.build_model(config)
   sched = schedule_lib.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+  setting = fitted.info.get('setting')
+  det_params = fitted.params if fitted.reducer is None else (fitted.reducer, fitted.params)
   return AnomalyScorer(config=config, kind=kind, id_dataset=id_dataset, step=step,
-                       unet_params=params, detector_params=fitted.params,
+                       unet_params=params, detector_params=det_params,
                        apply_fn=lambda p, x, t: model.apply(p, x, t), schedule=sched,
-                       key=evaluate.scorer_key(config.seed))
+                       key=evaluate.scorer_key(config.seed),
+                       draws=setting['draws'] if setting and fitted.reducer is not None else None,
+                       scorer_kind=kind.split('@')[0])
 
 
 def load_denoiser(workdir: str) -> tuple[Callable, ml_collections.ConfigDict]:
@@ -171,7 +170,7 @@ def load_denoiser(workdir: str) -> tuple[Callable, ml_collections.ConfigDict]:
     the workdir's config.
   """
   workdir = os.path.abspath(workdir)
-  config = load_config(workdir)
+  config = workdir_lib.load_config(workdir)
   params, _ = checkpoint.restore_ema_params(workdir, config)
   model = unet.build_model(config)
   return jax.tree_util.Partial(model.apply, params), config
@@ -197,7 +196,7 @@ def load_feature_fn(workdir: str, kinds=('stein_ssim',)) -> Callable:
   if isinstance(kinds, str):
     kinds = (kinds,)
   workdir = os.path.abspath(workdir)
-  config = load_config(workdir)
+  config = workdir_lib.load_config(workdir)
   scorer.check_scorer_config(config.scorer, tuple(kinds))
   params, _ = checkpoint.restore_ema_params(workdir, config)
   model = unet.build_model(config)
@@ -205,3 +204,97 @@ def load_feature_fn(workdir: str, kinds=('stein_ssim',)) -> Callable:
   score_fn = scorer.make_trajectory_scorer(model.apply, sched, config.scorer, tuple(kinds))
   return jax.tree_util.Partial(functools.partial(_features, score_fn), params,
                                evaluate.scorer_key(config.seed))
+
+
+# ------------------------------------------------------------------------------ anomaly maps
+
+ANOMALY_MAP_OUTPUTS = ('map', 'baseline', 'both')
+
+
+def build_anomaly_map_fn(config: ml_collections.ConfigDict, apply_fn: Callable,
+                         schedule: schedule_lib.Schedule, params, key: jax.Array,
+                         timestep_weights=None, kind: str = 'stein_ssim',
+                         output: str = 'map') -> Callable:
+  """Host-friendly per-pixel anomaly maps (`scorer.make_anomaly_map_fn`) for given weights.
+
+  Args:
+    config: the workdir's config (data.image_size, data.channels, scorer).
+    apply_fn: eval-mode network ``(params, x_t, t) -> eps_theta``.
+    schedule: the diffusion schedule the network was trained with.
+    params: network parameters.
+    key: the scorer's noise key (`evaluate.scorer_key(config.seed)` gives the suite's noise).
+    timestep_weights: None (1 on each of ``kind``'s timesteps ``t_k >= t_min``: the map splits
+      the plain-sum p = 2 statistic over pixels), or per-timestep weights [K_kind] on
+      `scorer.kind_timesteps` or [K] on the whole grid: pass a fitted detector's per-timestep
+      weights (e.g. ``1 / std_k`` of the ID-train power sums) to map that detector's evidence.
+    kind: a kind of `scorer.MAP_KINDS`.
+    output: 'map' (the kind's SSIM-weighted map), 'baseline' (squared Stein error, no SSIM) or
+      'both'.
+
+  Returns:
+    ``fn(images [B, H, W, C] float in [-1, 1], image_ids [B] int or None) -> [B, H, W]`` float32
+    numpy (a dict {'map', 'baseline'} for output='both'); higher = more anomalous. ``image_ids``
+    default to `scorer.content_ids` (a hash of the pixels), so a map never depends on the batch.
+    Images are scored in compiled batches of ``config.scorer.batch_size`` (the last one padded).
+  """
+  if output not in ANOMALY_MAP_OUTPUTS:
+    raise ValueError(f'output={output!r} is not one of {ANOMALY_MAP_OUTPUTS}.')
+  weights = jnp.asarray(scorer.anomaly_map_weights(schedule.num_timesteps, config.scorer, kind,
+                                                   timestep_weights))
+  map_fn = jax.jit(scorer.make_anomaly_map_fn(apply_fn, schedule, config.scorer, kind))
+  batch = max(1, int(config.scorer.get('batch_size', 128)))
+
+  def fn(images, image_ids=None):
+    x = scorer.validate_images(images, config.data.image_size, config.data.channels)
+    n = x.shape[0]
+    if image_ids is None:
+      ids = np.asarray(scorer.content_ids(x), np.int32)
+    else:
+      ids = np.asarray(image_ids, np.int32)
+      if ids.shape != (n,):
+        raise ValueError(f'image_ids must have shape [{n}], got {ids.shape}.')
+    size = min(batch, n)
+    parts = []
+    for s in range(0, n, size):
+      xb, ib = x[s:s + size], ids[s:s + size]
+      pad = size - len(xb)
+      if pad:   # one compiled shape: pad the last batch, drop the padded rows after
+        xb = np.concatenate([xb, np.zeros((pad,) + xb.shape[1:], xb.dtype)])
+        ib = np.concatenate([ib, np.zeros(pad, np.int32)])
+      out = map_fn(params, jnp.asarray(xb), jnp.asarray(ib), key, weights)
+      parts.append({k: np.asarray(v)[:size - pad] for k, v in out.items()})
+    maps = {k: np.concatenate([p[k] for p in parts]) for k in ('map', 'baseline')}
+    return maps if output == 'both' else maps[output]
+
+  return fn
+
+
+def anomaly_map_fn(workdir: str, timestep_weights=None, kind: str = 'stein_ssim',
+                   output: str = 'map') -> Callable:
+  """The workdir's per-pixel anomaly map: where in an image the evidence of ``kind`` lies.
+
+  Example::
+
+    amap = api.anomaly_map_fn('runs/fashion_mnist')
+    heat = amap(images)                      # [B, H, W] float32, higher = more anomalous
+
+  Args:
+    workdir: a trained or converted workdir.
+    timestep_weights: per-timestep weights (see `build_anomaly_map_fn`); None = plain sum over
+      ``kind``'s timesteps. Pass the fitted detector's standardisation (``1 / std_k``) to map
+      exactly the statistic it scores.
+    kind: a kind of `scorer.MAP_KINDS` (default: the seed method, 'stein_ssim').
+    output: 'map', 'baseline' (no SSIM weight) or 'both'.
+
+  Returns:
+    ``fn(images [B, H, W, C] in [-1, 1], image_ids=None) -> [B, H, W]`` numpy float32 (see
+    `build_anomaly_map_fn`), using the evaluate mode's noise key, so an image with the same id
+    gets the trajectory noise the suite's features saw.
+  """
+  workdir = os.path.abspath(workdir)
+  config = workdir_lib.load_config(workdir)
+  params, _ = checkpoint.restore_ema_params(workdir, config)
+  model = unet.build_model(config)
+  sched = schedule_lib.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+  return build_anomaly_map_fn(config, lambda p, x, t: model.apply(p, x, t), sched, params,
+                              evaluate.scorer_key(config.seed), timestep_weights, kind, output)

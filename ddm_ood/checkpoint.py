@@ -159,7 +159,7 @@ def restore_ema_params(workdir: str, config: ml_collections.ConfigDict,
   ``jax.eval_shape`` of the network's init, so nothing is allocated twice.
 
   Args:
-    workdir: run directory that `train.train_and_evaluate` wrote.
+    workdir: run directory that `train.train` wrote.
     config: the run's config (``config.model`` / ``config.data`` define the network).
     mesh: mesh the parameters are replicated on (default: `sharding.data_mesh()`).
 

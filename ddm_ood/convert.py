@@ -474,8 +474,8 @@ def convert_checkpoint(checkpoint_path: str, config: ml_collections.ConfigDict,
     FileExistsError: ``workdir`` already holds a checkpoint.
     ValueError: the checkpoint does not fit ``config.model`` (see `convert_state_dict`).
   """
-  from ddm_ood import api  # pylint: disable=g-import-not-at-top
   from ddm_ood import checkpoint  # pylint: disable=g-import-not-at-top
+  from ddm_ood import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
 
   workdir = os.path.abspath(workdir)
   if os.path.exists(workdir) and not os.path.isdir(workdir):
@@ -490,7 +490,7 @@ def convert_checkpoint(checkpoint_path: str, config: ml_collections.ConfigDict,
 
   meta = {'step': 0, 'epoch': 0, 'index': 0, 'config': json.loads(config.to_json_best_effort()),
           'converted_from': os.path.abspath(checkpoint_path)}
-  api.save_config(config, workdir)
+  workdir_lib.save_config(config, workdir)
   manager = checkpoint.make_manager(workdir, keep=1)
   try:
     checkpoint.save(manager, 0, {'ema_params': variables}, meta)

@@ -14,7 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- data
   config.data = data = ml_collections.ConfigDict()
-  data.dataset = 'fashion_mnist'   # Source the base DDM is trained on (see ddm_ood/data.py).
+  data.dataset = 'fashion_mnist'   # Source the base DDM is trained on (see ddm_ood/data/).
   data.image_size = 28             # Model resolution; every source is resized to it.
   data.channels = 1                # 1 = gray, 3 = RGB; sources are converted.
   data.data_dir = ''               # TFDS data_dir for 'tfds:*' sources ('' = TFDS default).
@@ -62,9 +62,6 @@ def get_config() -> ml_collections.ConfigDict:
   train.sample_every = 0           # 0 = only at the end of training.
   train.num_samples = 64           # Images in the EMA sample grid.
   train.sample_steps = 50          # DDIM steps for the sample grid.
-  train.debug_sleep_per_step = 0.0 # Seconds slept after each step (tests interrupt runs with it).
-  train.debug_nan_step = -1        # >= 0: make that step's loss NaN (tests the NaN guard).
-  train.debug_sigkill_in_save_step = -1  # >= 0: SIGKILL itself while saving that step (tests).
 
   # ---------------------------------------------------------------- trajectory scorer
   config.scorer = scorer = ml_collections.ConfigDict()
@@ -105,4 +102,16 @@ def get_config() -> ml_collections.ConfigDict:
   ev.num_fit = 2000                # ID-train images the detector is fitted on (0 = all).
   ev.num_test = 1000               # Test images per set (0 = all).
   ev.num_examples_plot = 4
+
+  # ---------------------------------------------------------------- zero-shot selection
+  # The seed-family kinds' window and aggregation are chosen per ID set from ID images only:
+  # detectors fitted on the num_fit ID-train images are judged on the next num_val ID-train
+  # images vs synthetic anomalies made from them (ddm_ood/synthetic.py). docs/method.md.
+  config.select = select = ml_collections.ConfigDict()
+  select.num_val = 250             # Held-out ID-train images (after the fit images).
+  select.t_mins = (0, 100, 200, 300, 400, 500)   # Candidate windows t_k >= t_min (grid-snapped).
+  select.aggregations = ('zsum',)  # Candidates from 'sum' (as published), 'zsum', 'concat'.
+  select.corruptions = ('patch_shuffle', 'cutpaste', 'blend', 'blur', 'noise', 'invert')
+  select.oracle = False            # Also the OOD-train oracle + leave-one-out (OOD exposure).
+  select.localisation_images = 0   # >0: measure the anomaly map on pasted OOD patches.
   return config

@@ -1,50 +1,21 @@
 """Density detector on trajectory features: fit with sklearn, score with pure JAX.
 
-A fitted detector is a :class:`DetectorParams` pytree of plain arrays that describes a Gaussian
-mixture over *standardised* features ``z = (x - mean) / scale``. Every model this module fits is
-expressed in that ONE representation:
-
-* a ``sklearn.mixture.GaussianMixture`` of any covariance type ('full', 'tied', 'diag',
-  'spherical'): its ``precisions_cholesky_`` are expanded to full ``[M, D, D]`` matrices;
-* a Gaussian KDE (1-D features, DiffPath-1D): one equal-weight component per training point
-  with covariance ``bandwidth**2 * I`` (precision Cholesky ``I / bandwidth``).
-
-Density convention: :func:`log_density` is the log density of the ORIGINAL (unscaled) features,
-``log p_x(x) = log p_z((x - mean) / scale) - sum(log(scale))`` (change of variables). It therefore
-equals ``gmm.score_samples(scaler.transform(x)) - np.log(scaler.scale_).sum()``. The Jacobian term
-is a constant, so rankings / AUROC are the same as on the scaled space.
-
-Sign convention (defined HERE, used everywhere): :func:`anomaly_score` ``= -log_density``;
-HIGHER score = MORE out-of-distribution.
-
-KDE space: by default (``det_cfg.kde_standardize`` absent or False) the KDE is fitted on the RAW
-1-D statistic with the raw bandwidth ``det_cfg.kde_bandwidth`` (DiffPath-1D: bandwidth 5 on the raw
-statistic), i.e. ``mean = 0``, ``scale = 1`` and the result equals
-``KernelDensity(bandwidth=h).fit(x).score_samples(x_test)``. With ``kde_standardize=True`` the
-statistic is standardised first and the bandwidth is in units of its standard deviation (the
-log density still refers to the raw statistic via the Jacobian term). The raw statistic's scale
-depends on image size and model, so a fixed raw bandwidth may be badly matched to a small model;
-standardising makes the bandwidth scale-free.
-
-Config fields (``ddm_ood/default_config.py``; read with these defaults when absent):
-``det_cfg.kde_standardize`` (bool, default False);
-``det_cfg.sklearn_threads`` (int, default 1; 0 = leave the BLAS/OpenMP pools alone): the GMM fits
-run under ``threadpoolctl.threadpool_limits(sklearn_threads)``. The matrices are tiny (D ~ 6),
-so multi-threaded BLAS only adds synchronisation; on a busy 2-core machine one thread was 10x
-faster (GMM k=50, N=2000: 8 s vs 103 s for three fits).
-``det_cfg.kde_bandwidth`` may also be 'scott' or 'silverman' (sklearn's rules, which ignore the
-data's spread, so use them with ``kde_standardize=True``).
+A fitted detector is a `DetectorParams` pytree of plain arrays, ONE representation for every
+model fitted here: a Gaussian mixture over standardised features ``z = (x - mean) / scale`` (a
+sklearn ``GaussianMixture`` of any covariance type, expanded to full precision Cholesky factors;
+or a Gaussian KDE, one equal-weight component per training point). `log_density` is the density
+of the ORIGINAL features (the ``-sum(log scale)`` Jacobian term included), and
+`anomaly_score` ``= -log_density``: HIGHER = MORE out-of-distribution. The model selection, the
+KDE's space and the ``config.detector`` fields are described in docs/method.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
 import math
 import os
-import tempfile
 import warnings
 from typing import Any, NamedTuple
 
@@ -98,10 +69,21 @@ class FittedDetector:
   """
   params: DetectorParams
   info: dict
+  # Set when the detector was fitted on aggregated per-timestep statistics: ``features =
+  # features.reduce(reducer, stats)`` (a pytree of plain arrays, see `ddm_ood.features`).
+  reducer: Any = None
 
   def score(self, features) -> jax.Array:
     """Anomaly scores [M] (higher = more OOD) of features [M, D]."""
     return anomaly_score(self.params, features)
+
+  def score_stats(self, stats) -> jax.Array:
+    """Anomaly scores [M] of flattened per-timestep statistics [M, P] (needs ``reducer``)."""
+    if self.reducer is None:
+      raise ValueError('This detector was fitted on features, not on per-timestep statistics; '
+                       'call score(features).')
+    from ddm_ood import features as features_lib  # pylint: disable=g-import-not-at-top
+    return anomaly_score(self.params, features_lib.reduce(self.reducer, stats))
 
 
 # --------------------------------------------------------------------------------------------
@@ -402,8 +384,8 @@ def fit_detector(features: np.ndarray, det_cfg, seed: int = 0) -> FittedDetector
   scaler is refitted inside each fold) over ``det_cfg.n_components x det_cfg.covariance_types``.
   Grid values larger than the smallest CV training fold are skipped (if none remain, the grid is
   clamped to that size, with a logged warning). The best is refitted on all data with
-  ``random_state=seed``. D == 1: Gaussian KDE with ``det_cfg.kde_bandwidth`` (see module
-  docstring for the space).
+  ``random_state=seed``. D == 1: Gaussian KDE with ``det_cfg.kde_bandwidth`` (on the raw or,
+  with ``kde_standardize``, the standardised statistic; docs/method.md).
 
   Args:
     features: [N, D] finite features.
@@ -435,33 +417,21 @@ def fit_detector(features: np.ndarray, det_cfg, seed: int = 0) -> FittedDetector
 
 
 def save_detector(fitted: FittedDetector, path: str) -> None:
-  """Saves atomically to ONE ``.npz`` file: the five arrays plus the info as a JSON string.
-
-  Written to a temporary file in the same directory, then ``os.replace``d onto ``path`` (the
-  name is used as given; no '.npz' is appended).
+  """Saves atomically (`workdir.atomic_savez`) to ONE ``.npz`` file: the five arrays plus the info
+  as a JSON string. The name is used as given; no '.npz' is appended.
 
   Args:
     fitted: FittedDetector.
     path: destination file.
   """
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
+  # Imported here: the scoring core must not import the shell at module load.
+  from ddm_ood import workdir  # pylint: disable=g-import-not-at-top
   arrays = {name: np.asarray(getattr(fitted.params, name)) for name in _PARAM_FIELDS}
+  if fitted.reducer is not None:
+    arrays.update(reducer_mean=np.asarray(fitted.reducer.mean),
+                  reducer_weight=np.asarray(fitted.reducer.weight))
   info_json = json.dumps(dict(fitted.info, format_version=_FORMAT_VERSION), sort_keys=True)
-  buf = io.BytesIO()
-  np.savez(buf, info_json=np.array(info_json), **arrays)
-  fd, tmp = tempfile.mkstemp(prefix='.tmp_detector_', suffix='.npz', dir=directory)
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(buf.getvalue())
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  workdir.atomic_savez(os.fspath(path), info_json=np.array(info_json), **arrays)
 
 
 def load_detector(path: str) -> FittedDetector:
@@ -476,5 +446,10 @@ def load_detector(path: str) -> FittedDetector:
   with np.load(os.fspath(path), allow_pickle=False) as data:
     params = DetectorParams(**{name: np.array(data[name]) for name in _PARAM_FIELDS})
     info = json.loads(str(data['info_json']))
+    reducer = None
+    if 'reducer_mean' in data:
+      from ddm_ood import features as features_lib  # pylint: disable=g-import-not-at-top
+      reducer = features_lib.Reducer(np.array(data['reducer_mean']),
+                                     np.array(data['reducer_weight']))
   info.pop('format_version', None)
-  return FittedDetector(params, info)
+  return FittedDetector(params, info, reducer)

@@ -12,6 +12,7 @@ Features are cached per (checkpoint step, dataset, split, count, scorer settings
 from __future__ import annotations
 
 import csv
+import io
 import dataclasses
 import hashlib
 import json
@@ -28,22 +29,27 @@ import numpy as np
 from ddm_ood import checkpoint
 from ddm_ood import data
 from ddm_ood import detector
+from ddm_ood import features as features_lib
+from ddm_ood import localisation
 from ddm_ood import memory
 from ddm_ood import metrics
+from ddm_ood import protocol
 from ddm_ood import scorer
 from ddm_ood import sharding
 from ddm_ood import schedule as schedule_lib
+from ddm_ood import synthetic
+from ddm_ood import tables
 from ddm_ood import unet
 from ddm_ood import workdir as workdir_lib
 
-# Purpose tag folded into the seed for scoring noise (training uses other tags).
-SCORER_KEY_TAG = 1
 METRIC_NAMES = ('auroc', 'fpr95', 'aupr_in', 'aupr_out')
+# Held-out ID-train images the zero-shot selection needs at the least (per ID set).
+MIN_SELECTION_IMAGES = 10
 
 
 def scorer_key(seed: int) -> jax.Array:
   """The base key of the trajectory noise; per-image noise is folded in from image ids."""
-  return jax.random.fold_in(jax.random.key(seed), SCORER_KEY_TAG)
+  return workdir_lib.purpose_key(seed, workdir_lib.Purpose.SCORER)
 
 
 @dataclasses.dataclass
@@ -107,9 +113,39 @@ class FeatureExtractor:
 
     Returns:
       A flat dict: 'features/<kind>' [N, D], 'per_timestep/<kind>' [N, K_kind, 3],
-      'per_timestep_deriv/<kind>' [N, K_kind - 1, 3] (`scorer.kind_timesteps`).
+      'per_timestep_deriv/<kind>' [N, K_kind - 1, 3], 'per_draw/<kind>' [N, R, K_kind, 3],
+      'per_draw_deriv/<kind>' [N, R, K_kind - 1, 3] (`scorer.kind_timesteps`).
     """
-    path = self._cache_path(dataset, split, num) if self.cache_dir else ''
+    def compute():
+      images = self.images(dataset, split, num)
+      # A dataset's images are named by their index in its fixed order.
+      return self.features_of(images, np.arange(images.shape[0], dtype=np.int32),
+                              label=f'{dataset}/{split}')
+    return self._cached(self._cache_path(dataset, split, num), compute)
+
+  def images(self, dataset: str, split: str, num: int) -> np.ndarray:
+    """The first ``num`` images of a dataset split, as the features of `features` see them."""
+    return data.load_images(dataset, split, self.config.data, max_examples=num,
+                            seed=self.config.seed)
+
+  def synthetic_features(self, dataset: str, start: int, num: int) -> dict[str, np.ndarray]:
+    """Features of synthetic anomalies of ID-train images ``start .. start + num`` (cached).
+
+    Also returns 'corruption' [N] int32, the index into ``config.select.corruptions``.
+    """
+    corruptions = tuple(self.config.select.corruptions)
+
+    def compute():
+      images = self.images(dataset, 'train', start + num)[start:]
+      anomalies, which = synthetic.make_anomalies(images, self.config.seed, corruptions)
+      out = self.features_of(anomalies, label=f'{dataset}/synthetic')
+      out['corruption'] = which
+      return out
+    tag = hashlib.sha1(json.dumps([start, corruptions]).encode()).hexdigest()[:8]
+    return self._cached(self._cache_path(dataset, f'synthetic{tag}', num), compute)
+
+  def _cached(self, path: str, compute) -> dict[str, np.ndarray]:
+    path = path if self.cache_dir else ''
     cached = None
     if path and os.path.exists(path):
       try:
@@ -122,16 +158,9 @@ class FeatureExtractor:
     # (a host-local disk, or process 0 still writing it).
     if sharding.all_processes(cached is not None):
       return cached
-    images = data.load_images(dataset, split, self.config.data, max_examples=num,
-                              seed=self.config.seed)
-    # A dataset's images are named by their index in its fixed order.
-    out = self.features_of(images, np.arange(images.shape[0], dtype=np.int32),
-                           label=f'{dataset}/{split}')
+    out = compute()
     if path and jax.process_index() == 0:
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      tmp = path + '.tmp.npz'
-      np.savez(tmp, **out)
-      os.replace(tmp, path)
+      workdir_lib.atomic_savez(path, **out)
     return out
 
   def features_of(self, images: np.ndarray, image_ids: np.ndarray | None = None,
@@ -236,34 +265,71 @@ def _run_suite(config, workdir, print_table, make_report):
   os.makedirs(os.path.join(out_dir, 'detectors'), exist_ok=True)
   extractor = FeatureExtractor(config, params, step, cache_dir=os.path.join(workdir, 'features'))
 
-  rows, scores, detectors_info = [], {}, {}
+  rows, scores, detectors_info, settings = [], {}, {}, {}
+  method_names = protocol.methods(config)
+  fits, vals, id_tests, fitted_all = {}, {}, {}, {}
+  num_val = int(config.select.num_val)
   for id_name in ev.id_datasets:
-    fit = extractor.features(id_name, 'train', ev.num_fit)
-    id_test = extractor.features(id_name, 'test', ev.num_test)
-    detectors_info[id_name] = {}
-    for kind in ev.feature_kinds:
-      det = detector.fit_detector(fit[f'features/{kind}'], config.detector, seed=config.seed)
-      detector.save_detector(det, detector_path(workdir, id_name, kind))
-      detectors_info[id_name][kind] = det.info
-      s_id = np.asarray(detector.anomaly_score(det.params, id_test[f'features/{kind}']))
-      scores[f'{id_name}|{kind}|id'] = s_id
-      t_key = f'per_timestep/{kind}'
+    train = extractor.features(id_name, 'train', ev.num_fit + num_val if ev.num_fit else 0)
+    n_train = len(train[f'features/{ev.feature_kinds[0]}'])
+    n_fit = min(ev.num_fit or n_train, n_train - MIN_SELECTION_IMAGES)
+    if n_fit < MIN_SELECTION_IMAGES:
+      raise ValueError(
+          f'ID set {id_name!r} has {n_train} training images: too few to fit detectors and '
+          f'hold out {MIN_SELECTION_IMAGES}+ for the zero-shot selection; use a larger ID set.')
+    fits[id_name] = _take(train, slice(0, n_fit))
+    vals[id_name] = _take(train, slice(n_fit, None))
+    syn = extractor.synthetic_features(id_name, n_fit, n_train - n_fit)
+    id_tests[id_name] = extractor.features(id_name, 'test', ev.num_test)
+    fitted_all[id_name] = protocol.fit_id_set(config, ev.feature_kinds, fits[id_name],
+                                              vals[id_name], syn)
+  loo = None
+  if config.select.oracle:
+    ood_train = {o: extractor.features(o, 'train', num_val) for o in ev.ood_datasets}
+    chosen, loo = protocol.oracle(config, list(ev.id_datasets), fits, vals, ood_train,
+                                  lambda o: extractor.features(o, 'test', ev.num_test),
+                                  id_tests)
+    for id_name, f in chosen.items():
+      fitted_all[id_name][protocol.SEED_KIND + protocol.ORACLE] = f
+
+  localisation_result = None
+  if int(config.select.localisation_images) > 0 and protocol.SEED_KIND in ev.feature_kinds:
+    id_name = ev.id_datasets[0]
+    no_ssim = fitted_all[id_name].get('stein')
+    localisation_result = localisation_study(
+        config, extractor, id_name, fitted_all[id_name][protocol.SEED_KIND].detector.reducer,
+        no_ssim.detector.reducer if no_ssim else None)
+
+  for id_name in ev.id_datasets:
+    fit, id_test = fits[id_name], id_tests[id_name]
+    detectors_info[id_name], settings[id_name] = {}, {}
+    for method in method_names:
+      f = fitted_all[id_name][method]
+      info = dict(f.detector.info, setting=f.setting)
+      detector.save_detector(dataclasses.replace(f.detector, info=info),
+                             detector_path(workdir, id_name, method))
+      detectors_info[id_name][method] = f.detector.info
+      settings[id_name][method] = dict(setting=f.setting, selection=f.selection)
+      s_id = protocol.method_scores(f, method, id_test)
+      scores[f'{id_name}|{method}|id'] = s_id
+      t_key = f'per_timestep/{method}'
       t_dets = _per_timestep_detectors(fit[t_key], config.seed) if t_key in fit else None
       for ood_name in ev.ood_datasets:
         if ood_name == id_name:
           continue
         ood = extractor.features(ood_name, 'test', ev.num_test)
-        s_ood = np.asarray(detector.anomaly_score(det.params, ood[f'features/{kind}']))
-        scores[f'{id_name}|{kind}|{ood_name}'] = s_ood
-        row = dict(id=id_name, ood=ood_name, kind=kind, **metrics.ood_metrics(s_id, s_ood))
+        s_ood = protocol.method_scores(f, method, ood)
+        scores[f'{id_name}|{method}|{ood_name}'] = s_ood
+        row = dict(id=id_name, ood=ood_name, kind=method, role=protocol.role(method),
+                   **metrics.ood_metrics(s_id, s_ood))
         if t_dets is not None:
           row['per_timestep_auroc'] = _per_timestep_auroc(t_dets, id_test[t_key], ood[t_key])
         rows.append(row)
-        logging.info('%s vs %s [%s]: AUROC %.4f FPR95 %.4f', id_name, ood_name, kind,
+        logging.info('%s vs %s [%s]: AUROC %.4f FPR95 %.4f', id_name, ood_name, method,
                      row['auroc'], row['fpr95'])
 
   averages = {}
-  for kind in ev.feature_kinds:
+  for kind in method_names:
     sel = [r for r in rows if r['kind'] == kind]
     if sel:
       averages[kind] = {m: float(np.mean([r[m] for r in sel])) for m in METRIC_NAMES}
@@ -274,17 +340,67 @@ def _run_suite(config, workdir, print_table, make_report):
       kind_timesteps={kind: scorer.kind_timesteps(config.diffusion.num_timesteps, config.scorer,
                                                   kind).tolist() for kind in ev.feature_kinds},
       wall_time_s=time.time() - t_start, num_devices=jax.device_count(),
-      backend=jax.default_backend(), rows=rows, averages=averages,
-      detectors=detectors_info, config=json.loads(config.to_json_best_effort()))
+      backend=jax.default_backend(), rows=rows, averages=averages, settings=settings,
+      leave_one_out=loo, localisation=localisation_result, detectors=detectors_info, config=json.loads(config.to_json_best_effort()))
   if jax.process_index() == 0:
     _write_results(results, scores, out_dir)
-  table = results_table(results)
+  table = tables.results_table(results)
   if print_table:
     print(table, flush=True)
   if make_report and jax.process_index() == 0:
     from ddm_ood import report  # matplotlib is only needed here
     report.write_report(config, workdir, results, scores, extractor)
   return results
+
+
+def localisation_study(config, extractor: FeatureExtractor, id_name: str, reducer,
+                       baseline_reducer=None) -> dict:
+  """Pixel AUROC of finding OOD patches pasted into ID-test images, anomaly map vs baseline map.
+
+  The patches come from the test split of 'textures' (else the first other OOD set). The map is
+  the seed method's SSIM-weighted Stein error with its zero-shot detector's per-timestep weights
+  (`features.timestep_weights`); the baseline is the squared Stein error without SSIM, weighted
+  by the 'stein' kind's own zero-shot detector when there is one (each map standardised by its
+  own ID statistics), else by the same weights.
+  """
+  ev, n = config.eval, int(config.select.localisation_images)
+  others = [o for o in ev.ood_datasets if o != id_name]
+  donor = 'textures' if 'textures' in others else others[0]
+  images = extractor.images(id_name, 'test', n)
+  pasted, masks = localisation.paste_patches(
+      images, extractor.images(donor, 'test', len(images)), config.seed)
+  k = int(config.scorer.num_steps)
+  weights = features_lib.timestep_weights(reducer, k)
+  base_weights = (weights if baseline_reducer is None else
+                  features_lib.timestep_weights(baseline_reducer, k))
+
+  def maps_of(kind, w):
+    map_fn = jax.jit(scorer.make_anomaly_map_fn(lambda p, x, t: extractor.model.apply(p, x, t),
+                                                extractor.schedule, config.scorer, kind))
+    ids, bs, outs = np.asarray(_content_ids(pasted)), 50, []
+    for i in range(0, len(pasted), bs):
+      x, mask = sharding.pad_to_multiple(pasted[i:i + bs], bs)
+      d, _ = sharding.pad_to_multiple(ids[i:i + bs], bs)
+      out = map_fn(extractor.params, jnp.asarray(x), jnp.asarray(d), extractor.key,
+                   jnp.asarray(w))
+      outs.append({name: np.asarray(v)[mask] for name, v in out.items()})
+    return {name: np.concatenate([o[name] for o in outs]) for name in outs[0]}
+
+  maps = maps_of(protocol.SEED_KIND, weights)
+  if baseline_reducer is not None:   # 'stein' maps are e_k^2: its 'map' is the baseline
+    maps['baseline'] = maps_of('stein', base_weights)['map']
+  aurocs = localisation.localisation_auroc(maps, masks)
+  logging.info('localisation (%s + %s patches): map %.4f, baseline %.4f', id_name, donor,
+               aurocs['map'], aurocs['baseline'])
+  return dict(id=id_name, donor=donor, num_images=len(images), auroc_map=aurocs['map'],
+              auroc_baseline=aurocs['baseline'], timestep_weights=weights.tolist(),
+              baseline_timestep_weights=base_weights.tolist(),
+              examples=dict(images=pasted[:4].tolist(), masks=masks[:4].astype(int).tolist(),
+                            map=maps['map'][:4].tolist(), baseline=maps['baseline'][:4].tolist()))
+
+
+def _take(feats: dict[str, np.ndarray], rows: slice) -> dict[str, np.ndarray]:
+  return {k: v[rows] for k, v in feats.items()}
 
 
 def safe_name(name: str) -> str:
@@ -297,43 +413,15 @@ def detector_path(workdir: str, id_name: str, kind: str) -> str:
   return os.path.join(workdir, 'eval', 'detectors', f'{safe_name(id_name)}__{kind}.npz')
 
 
-def results_table(results: dict) -> str:
-  """Markdown table: one row per (ID, OOD) pair, AUROC / FPR95 columns per feature kind."""
-  kinds = list(dict.fromkeys(r['kind'] for r in results['rows']))
-  pairs = list(dict.fromkeys((r['id'], r['ood']) for r in results['rows']))
-  by = {(r['id'], r['ood'], r['kind']): r for r in results['rows']}
-  head = '| ID | OOD | ' + ' | '.join(f'{k} AUROC | {k} FPR95' for k in kinds) + ' |'
-  lines = [head, '|' + '---|' * (2 + 2 * len(kinds))]
-  for id_name, ood_name in pairs:
-    cells = []
-    for k in kinds:
-      r = by.get((id_name, ood_name, k))
-      cells += [f"{r['auroc']:.4f}", f"{r['fpr95']:.4f}"] if r else ['', '']
-    lines.append(f'| {id_name} | {ood_name} | ' + ' | '.join(cells) + ' |')
-  avg = results['averages']
-  cells = []
-  for k in kinds:
-    cells += [f"{avg[k]['auroc']:.4f}", f"{avg[k]['fpr95']:.4f}"]
-  lines.append('| **average** | | ' + ' | '.join(cells) + ' |')
-  return '\n'.join(lines)
-
-
 def _write_results(results: dict, scores: dict, out_dir: str) -> None:
-  def atomic(path, write):
-    tmp = path + '.tmp'
-    with open(tmp, 'w', newline='') as f:
-      write(f)
-    os.replace(tmp, path)
-
-  atomic(os.path.join(out_dir, 'results.json'), lambda f: json.dump(results, f, indent=1))
-  def write_csv(f):
-    w = csv.writer(f)
-    w.writerow(['id', 'ood', 'kind', *METRIC_NAMES, 'n_id', 'n_ood'])
-    for r in results['rows']:
-      w.writerow([r['id'], r['ood'], r['kind'], *(f'{r[m]:.6f}' for m in METRIC_NAMES),
-                  r['n_id'], r['n_ood']])
-  atomic(os.path.join(out_dir, 'results.csv'), write_csv)
-  atomic(os.path.join(out_dir, 'results.md'), lambda f: f.write(results_table(results) + '\n'))
-  tmp = os.path.join(out_dir, 'scores.tmp.npz')
-  np.savez(tmp, **scores)
-  os.replace(tmp, os.path.join(out_dir, 'scores.npz'))
+  workdir_lib.atomic_write_json(os.path.join(out_dir, 'results.json'), results)
+  buf = io.StringIO()
+  w = csv.writer(buf)
+  w.writerow(['id', 'ood', 'kind', 'role', *METRIC_NAMES, 'n_id', 'n_ood'])
+  for r in results['rows']:
+    w.writerow([r['id'], r['ood'], r['kind'], r.get('role', ''),
+                *(f'{r[m]:.6f}' for m in METRIC_NAMES), r['n_id'], r['n_ood']])
+  workdir_lib.atomic_write(os.path.join(out_dir, 'results.csv'), buf.getvalue())
+  workdir_lib.atomic_write(os.path.join(out_dir, 'results.md'),
+                           tables.results_table(results) + '\n')
+  workdir_lib.atomic_savez(os.path.join(out_dir, 'scores.npz'), **scores)

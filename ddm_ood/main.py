@@ -3,6 +3,7 @@
   python -m ddm_ood.main --config=configs/fashion_mnist.py --workdir=/tmp/run            # train + evaluate
   python -m ddm_ood.main --config=configs/celeba.py --workdir=DIR --mode=train
   python -m ddm_ood.main --config=configs/tiny.py --workdir=DIR --mode=evaluate --config.train.num_steps=10
+  python -m ddm_ood.main --mode=score --workdir=DIR --images=folder:PATH --out=scores.csv
 """
 
 import os
@@ -16,9 +17,20 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, features and reports.')
-_MODE = flags.DEFINE_enum('mode', 'all', ['all', 'train', 'evaluate'],
+_MODE = flags.DEFINE_enum('mode', 'all', ['all', 'train', 'evaluate', 'score'],
                           "'train': train (or resume) the base DDM; 'evaluate': run the OOD suite "
-                          "on the latest checkpoint; 'all': both, then print the result table.")
+                          "on the latest checkpoint; 'all': both, then print the result table; "
+                          "'score': anomaly scores of --images as a CSV (after 'evaluate'; uses "
+                          "the workdir's config, no --config).")
+_IMAGES = flags.DEFINE_string('images', None, "--mode=score: the images to score, 'folder:PATH'.")
+_OUT = flags.DEFINE_string('out', None, '--mode=score: the CSV to write (one row per image file).')
+_ID_DATASET = flags.DEFINE_string('id_dataset', None, '--mode=score: whose detector and FPR95 '
+                                  'threshold (default: the first of config.eval.id_datasets).')
+_KIND = flags.DEFINE_string('kind', None, '--mode=score: feature kind (default: the first of '
+                            'config.eval.feature_kinds).')
+_SKIP_BAD_FILES = flags.DEFINE_bool('skip_bad_files', False, '--mode=score: mark unreadable '
+                                    'image files skipped in the CSV instead of stopping.')
+_SCORE_FLAGS = ('images', 'out', 'id_dataset', 'kind', 'skip_bad_files')
 _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None, "Multi-process runs without a cluster JAX detects (e.g. several "
     "processes on one machine): 'host:port' of process 0; set with --num_processes and "
@@ -27,13 +39,20 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
                                       'Number of processes (with --coordinator_address).')
 _PROCESS_ID = flags.DEFINE_integer(
     'process_id', None, 'This process, in [0, num_processes) (with --coordinator_address).')
-flags.mark_flags_as_required(['config', 'workdir'])
+flags.mark_flags_as_required(['workdir'])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   from ddm_ood import workdir as workdir_lib
+  if _MODE.value == 'score':
+    return _score()
+  given = [f'--{n}' for n in _SCORE_FLAGS if flags.FLAGS[n].present]
+  if given:
+    _fail(f'{", ".join(given)} only apply to --mode=score.')
+  if not flags.FLAGS['config'].present:
+    _fail(f'--config=FILE is required with --mode={_MODE.value}.')
   try:
     config = _CONFIG.value
     config.keys()  # a missing / broken file surfaces on the first attribute access
@@ -53,21 +72,42 @@ def main(argv):
   from ddm_ood import sharding
   sharding.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                         _PROCESS_ID.value)
-  from ddm_ood import api
   from ddm_ood import checkpoint
   from ddm_ood import data
   try:
     with workdir_lib.lock(workdir):
       workdir_lib.check_compatible(config, workdir)
-      api.save_config(config, workdir)  # only once the config has been accepted
+      workdir_lib.save_config(config, workdir)  # only once the config has been accepted
       if _MODE.value in ('train', 'all'):
         from ddm_ood import train
-        train.train_and_evaluate(config, workdir)
+        train.train(config, workdir)
       if _MODE.value in ('evaluate', 'all'):
         from ddm_ood import evaluate
         evaluate.run_suite(config, workdir, print_table=True)
   except (workdir_lib.WorkdirError, data.DataError, checkpoint.CheckpointNotFoundError,
           checkpoint.CheckpointCorruptError) as e:
+    _fail(str(e))
+  logging.info('Done.')
+
+
+def _score() -> None:
+  """--mode=score: flags and workdir checked before any JAX work, then the folder is scored."""
+  from ddm_ood import data
+  from ddm_ood import score_files
+  if flags.FLAGS['config'].present:
+    _fail("--mode=score reads the workdir's config.json; drop --config.")
+  if _COORDINATOR.value:
+    _fail('--mode=score runs in one process; drop --coordinator_address.')
+  try:
+    args = score_files.check_args(_WORKDIR.value, _IMAGES.value, _OUT.value, _ID_DATASET.value,
+                                  _KIND.value, _SKIP_BAD_FILES.value)
+  except score_files.ScoreError as e:
+    _fail(str(e))
+  from ddm_ood import checkpoint
+  try:
+    score_files.score_folder(args)
+  except (data.DataError, checkpoint.CheckpointNotFoundError,
+          checkpoint.CheckpointCorruptError, FileNotFoundError) as e:
     _fail(str(e))
   logging.info('Done.')
 

@@ -138,14 +138,30 @@ def fpr_at_tpr(id_scores, ood_scores, tpr: float = 0.95) -> float:
   Returns:
     FPR in [0, 1].
   """
-  a, b = _check_pair(id_scores, ood_scores)
+  _, b = _check_pair(id_scores, ood_scores)
+  return float(np.mean(b <= id_threshold(id_scores, tpr)))
+
+
+def id_threshold(id_scores, tpr: float = 0.95) -> float:
+  """The score threshold at which `fpr_at_tpr` is measured: a sample is ID iff score <= it.
+
+  The ``ceil(tpr * N_id)``-th smallest ID score: the smallest score that accepts at least a
+  fraction ``tpr`` of the ID samples (ties with it accepted).
+
+  Args:
+    id_scores: [N_id] anomaly scores of ID samples.
+    tpr: target fraction of ID samples kept, in (0, 1].
+
+  Returns:
+    The threshold (one of ``id_scores``).
+  """
+  a = _check('id_scores', id_scores)
   if not 0.0 < tpr <= 1.0:
     raise ValueError(f'tpr must be in (0, 1], got {tpr}.')
   a = np.sort(a)
   frac = np.arange(1, a.size + 1) / a.size   # ID fraction accepted at each sorted ID score
   k = int(np.searchsorted(frac, tpr, side='left'))
-  t = a[min(k, a.size - 1)]
-  return float(np.mean(b <= t))
+  return float(a[min(k, a.size - 1)])
 
 
 def roc_curve_points(id_scores, ood_scores):

@@ -18,10 +18,12 @@ import numpy as np
 
 from ddm_ood import data
 from ddm_ood import metrics
+from ddm_ood import protocol
 from ddm_ood import scorer
+from ddm_ood import tables
+from ddm_ood import workdir as workdir_lib
 
-SEED_METHOD = 'stein_ssim'
-BASELINES = ('stein', 'diffpath_6d', 'diffpath_1d', 'eps_ssim', 'stein_ddim', 'stein_ssim_ddim')
+SEED_METHOD = protocol.SEED_KIND
 
 
 def _grid(n: int, max_cols: int = 4):
@@ -149,16 +151,36 @@ def plot_loss(workdir: str, path: str) -> str | None:
 def seed_vs_baselines(results) -> list[str]:
   """Lines naming every pair on which the seed method does not beat the best baseline."""
   by = {(r['id'], r['ood'], r['kind']): r['auroc'] for r in results['rows']}
+  baselines = [k for k in results['averages'] if protocol.role(k) == 'baseline']
   lines = []
   for id_name, ood in _pairs(results):
     seed = by.get((id_name, ood, SEED_METHOD))
-    base = {k: by[(id_name, ood, k)] for k in BASELINES if (id_name, ood, k) in by}
+    base = {k: by[(id_name, ood, k)] for k in baselines if (id_name, ood, k) in by}
     if seed is None or not base:
       continue
     best = max(base, key=base.get)
     if seed < base[best] - 5e-5:  # differences invisible at 4 decimals are ties
       lines.append(f'- {id_name} vs {ood}: {SEED_METHOD} {seed:.4f} < {best} {base[best]:.4f}')
   return lines
+
+
+def plot_localisation(loc: dict, path: str) -> str:
+  """Pasted-patch examples: image, true patch, anomaly map, baseline map (one row each)."""
+  ex = {k: np.asarray(v) for k, v in loc['examples'].items()}
+  n = len(ex['images'])
+  fig, axes = plt.subplots(n, 4, figsize=(8, 2.1 * n), squeeze=False)
+  for i in range(n):
+    img = ex['images'][i]
+    panels = [((img + 1) / 2).squeeze(-1) if img.shape[-1] == 1 else (img + 1) / 2,
+              ex['masks'][i], ex['map'][i], ex['baseline'][i]]
+    for j, (title, p) in enumerate(zip(('input (patch pasted)', 'pasted region',
+                                        'anomaly map', 'baseline map'), panels)):
+      ax = axes[i, j]
+      ax.imshow(p, cmap='gray' if j < 2 else 'magma')
+      ax.set_axis_off()
+      if i == 0:
+        ax.set_title(title, fontsize=8)
+  return _save(fig, path)
 
 
 def write_report(config, workdir: str, results: dict, scores: dict, extractor) -> str:
@@ -193,14 +215,14 @@ def write_report(config, workdir: str, results: dict, scores: dict, extractor) -
   if loss:
     figs.append(('Training loss', loss))
 
-  train_time = None  # first to last logged step of the metrics file (compilation excluded)
-  mfile = os.path.join(workdir, 'metrics.jsonl')
-  if os.path.exists(mfile):
-    times = [json.loads(line).get('time') for line in open(mfile) if line.strip()]
-    times = [t for t in times if t is not None]
-    train_time = max(times) - min(times) if len(times) > 1 else None
+  if results.get('localisation'):
+    figs.append(('Localisation: OOD patches pasted into ID-test images',
+                 plot_localisation(results['localisation'],
+                                   os.path.join(plots, 'localisation.png'))))
+  # First to last logged step of the metrics file (compilation excluded).
+  times = [r['time'] for r in workdir_lib.read_metrics(workdir) if r.get('time') is not None]
+  train_time = max(times) - min(times) if len(times) > 1 else None
   not_better = seed_vs_baselines(results)
-  avg = results['averages']
   lines = [
       '# ddm_ood report', '',
       f'- workdir: `{workdir}`',
@@ -214,26 +236,31 @@ def write_report(config, workdir: str, results: dict, scores: dict, extractor) -
       f'{config.data.image_size}x{config.data.channels}; {config.diffusion.schedule} schedule, '
       f'T = {config.diffusion.num_timesteps}',
       f'- scorer: mode `{config.scorer.mode}`, K = {config.scorer.num_steps} timesteps '
-      f'{results["timesteps"]} (seed method: t >= {config.scorer.get("t_min", 0)}; DiffPath '
-      f'baselines: all), noise `{config.scorer.noise}`, draws {config.scorer.num_draws}, '
+      f'{results["timesteps"]} (seed family: t >= {config.scorer.get("t_min", 0)}, window and '
+      f'aggregation chosen per ID set, see the settings column; DiffPath baselines: all), noise `{config.scorer.noise}`, draws {config.scorer.num_draws}, '
       f'SSIM pair `{config.scorer.ssim_pair}`, weight `{config.scorer.ssim_weight}`, '
       f'scale_by_sigma {config.scorer.scale_by_sigma}',
       f'- detector fitted on {config.eval.num_fit or "all"} ID-train images per set; '
       f'{config.eval.num_test or "all"} test images per set; grid n_components '
       f'{list(config.detector.n_components)} x {list(config.detector.covariance_types)}',
       '', '## Results (AUROC higher is better, FPR95 lower is better; OOD = positive)', '',
-      evaluate.results_table(results), '',
-      '## Averages over the suite', '',
-      '| method | AUROC | FPR95 | AUPR-In | AUPR-Out |', '|---|---|---|---|---|',
-      *[f'| {k} | {v["auroc"]:.4f} | {v["fpr95"]:.4f} | {v["aupr_in"]:.4f} | '
-        f'{v["aupr_out"]:.4f} |' for k, v in avg.items()],
+      tables.results_table(results), '',
+      '## Averages over the suite', '', tables.averages_table(results), '',
+      f'## The seed method three ways, and the baselines (AUROC)', '',
+      tables.variants_table(results), '',
+      '"as published": R = 1, whole grid, plain sum. "zero-shot default": settings chosen per '
+      'ID set from ID-train images only (held-out images vs their synthetic anomalies). '
+      '"oracle": chosen on the OOD sets\' train splits (OOD exposure; an ablation).', '',
+      '## Zero-shot selection (ID-train images only)', '', tables.selection_table(results), '',
+      *(['## Leave-one-OOD-set-out: how much does the oracle selection overfit?', '',
+         tables.loo_table(results), ''] if tables.loo_table(results) else []),
+      *(['## Localisation (pixel-level AUROC)', '', tables.localisation_table(results), '']
+        if tables.localisation_table(results) else []),
       '', f'## Where the seed method ({SEED_METHOD}) does not beat the best baseline', '',
       *(not_better or ['- none: it is best or tied on every pair.']),
       '', '## Plots', '']
   for title, path in figs:
     lines += [f'### {title}', '', f'![{title}](plots/{os.path.basename(path)})', '']
   out = os.path.join(workdir, 'report.md')
-  with open(out + '.tmp', 'w') as f:
-    f.write('\n'.join(lines) + '\n')
-  os.replace(out + '.tmp', out)
+  workdir_lib.atomic_write(out, '\n'.join(lines) + '\n')
   return out

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import io
 import math
-import os
 from typing import Any, Callable
 
 import jax
@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddm_ood import schedule as schedule_lib
+from ddm_ood import workdir as workdir_lib
 
 ApplyFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
 
@@ -54,9 +55,8 @@ def ddim_sample(apply_fn: ApplyFn, params: Any, schedule: schedule_lib.Schedule,
   def body(x, inputs):
     t, a_t, a_prev, k = inputs
     eps = apply_fn(params, x, jnp.full((shape[0],), t, jnp.int32))
-    sqrt_a, sigma = jnp.sqrt(a_t), jnp.sqrt(1.0 - a_t)
-    x0 = jnp.clip((x - sigma * eps) / sqrt_a, -1.0, 1.0)
-    eps = (x - sqrt_a * x0) / sigma
+    x0 = jnp.clip(schedule_lib.eps_to_x0(schedule, x, eps, t), -1.0, 1.0)
+    eps = schedule_lib.x0_to_eps(schedule, x, x0, t)
     noise_std = eta * jnp.sqrt((1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev))
     dir_std = jnp.sqrt(jnp.maximum(1.0 - a_prev - noise_std ** 2, 0.0))
     x_prev = jnp.sqrt(a_prev) * x0 + dir_std * eps
@@ -95,10 +95,9 @@ def save_image_grid(images: np.ndarray, path: str, ncols: int | None = None) -> 
   grid = make_grid(np.asarray(images), ncols)
   if grid.shape[-1] == 1:
     grid = grid[..., 0]
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + '.tmp.png'
-  Image.fromarray(grid).save(tmp)
-  os.replace(tmp, path)
+  buf = io.BytesIO()
+  Image.fromarray(grid).save(buf, format='PNG')
+  workdir_lib.atomic_write(path, buf.getvalue())
   return path
 
 

@@ -1,7 +1,11 @@
-"""VP / DDPM noise schedules and the conversions between eps, score and x0.
+"""VP / DDPM noise schedules and the conversions between x_t, eps and x0.
 
 Timesteps are integer indices ``t`` in ``[0, T)``; ``alphas_cumprod[t] = prod_{s<=t} (1 - beta_s)``,
 ``sigma_t = sqrt(1 - alphas_cumprod[t])``. Everything here is pure ``jnp`` and jit-safe.
+
+The conversions take timesteps ``t`` of any shape that is a prefix of the data's shape: a scalar,
+``[B]`` against ``[B, H, W, C]``, or ``[1, K]`` against ``[R, K, H, W, C]``. The Stein score is
+``-eps / sigma_t`` (docs/method.md); the scorer works in eps space.
 """
 
 from __future__ import annotations
@@ -96,16 +100,6 @@ def q_sample(schedule: Schedule, x0: jax.Array, t: jax.Array, eps: jax.Array) ->
   """
   a, s = coefficients(schedule, t)
   return _bcast(a, x0) * x0 + _bcast(s, x0) * eps
-
-
-def eps_to_score(schedule: Schedule, eps: jax.Array, t: jax.Array) -> jax.Array:
-  """Stein score s(x_t, t) = -eps / sigma_t for eps [B, ...] and timesteps t [B]."""
-  return -eps / _bcast(schedule.sigmas[t], eps)
-
-
-def score_to_eps(schedule: Schedule, score: jax.Array, t: jax.Array) -> jax.Array:
-  """Inverse of `eps_to_score`: eps = -sigma_t * score."""
-  return -score * _bcast(schedule.sigmas[t], score)
 
 
 def eps_to_x0(schedule: Schedule, x_t: jax.Array, eps: jax.Array, t: jax.Array) -> jax.Array:

@@ -393,14 +393,15 @@ def six_d_features(v: jax.Array, grid_steps: int | None = None
       when ``v`` is a window of the grid), the factor of the finite difference.
 
   Returns:
-    (features [6], per_timestep [K, 3], per_timestep_deriv [K-1, 3]) float32; the derivative
-    is D v_k = grid_steps (v_{k+1} - v_k).
+    (features [6], per_timestep [R, K, 3], per_timestep_deriv [R, K-1, 3]) float32: the features
+    are averaged over the draws, the per-timestep power sums are per draw; the derivative is
+    D v_k = grid_steps (v_{k+1} - v_k).
   """
   k_steps = v.shape[1] if grid_steps is None else grid_steps
   per_t = power_sums(v)                                    # [R, K, 3]
   per_d = power_sums(k_steps * (v[:, 1:] - v[:, :-1]))     # [R, K-1, 3]
   feats = jnp.concatenate([per_t.sum(1), per_d.sum(1)], axis=-1)   # [R, 6]
-  return feats.mean(0), per_t.mean(0), per_d.mean(0)
+  return feats.mean(0), per_t, per_d
 
 
 def _kind_maps(kinds: Sequence[str], traj: Trajectory, x0: jax.Array, scorer_cfg,
@@ -480,7 +481,9 @@ def make_trajectory_scorer(apply_fn: ApplyFn, schedule: schedule_lib.Schedule, s
     ``score(params, images [B, H, W, C] float in [-1, 1], image_ids [B] int32, key) -> dict`` with
     ``'features'``: {kind: [B, D] float32}, ``'per_timestep'``: {kind: [B, K_kind, 3]} and
     ``'per_timestep_deriv'``: {kind: [B, K_kind - 1, 3]} (power sums p = 1, 2, 3 at the
-    timesteps `kind_timesteps` gives, averaged over draws;
+    timesteps `kind_timesteps` gives, averaged over draws), and the same per draw,
+    ``'per_draw'``: {kind: [B, R_kind, K_kind, 3]}, ``'per_draw_deriv'``:
+    {kind: [B, R_kind, K_kind - 1, 3]} (R_kind = 1 on the DDIM path;
     'diffpath_1d' repeats those of the DDIM eps_theta path). Pure and jittable; a row depends only
     on its image, its id and the key (not on batch size, order, chunking or device count).
     Validate values on the host first with `validate_images` (NaN cannot be checked under jit).
@@ -518,15 +521,17 @@ def make_trajectory_scorer(apply_fn: ApplyFn, schedule: schedule_lib.Schedule, s
       results.update({k: maps[k] for k in mode_kinds_ddim})
       results.update({k: maps[_DDIM_VARIANTS[k]] for k in variant_kinds})
       results.update(_kind_maps(ddim_kinds, traj, x0, scorer_cfg, diffpath=True))
-    feats, per_t, per_d = {}, {}, {}
+    feats, per_t, per_d, per_t_r, per_d_r = {}, {}, {}, {}, {}
     cache = {}
     for kind in kinds:
       v = results[kind]
       if id(v) not in cache:   # diffpath_6d / diffpath_1d share one reduction
         cache[id(v)] = six_d_features(v, grid_steps)
-      f6, per_t[kind], per_d[kind] = cache[id(v)]
+      f6, per_t_r[kind], per_d_r[kind] = cache[id(v)]
+      per_t[kind], per_d[kind] = per_t_r[kind].mean(0), per_d_r[kind].mean(0)
       feats[kind] = jnp.sqrt(f6[4:5]) if kind == 'diffpath_1d' else f6
-    return {'features': feats, 'per_timestep': per_t, 'per_timestep_deriv': per_d}
+    return {'features': feats, 'per_timestep': per_t, 'per_timestep_deriv': per_d,
+            'per_draw': per_t_r, 'per_draw_deriv': per_d_r}
 
   def score(params, images: jax.Array, image_ids: jax.Array, key: jax.Array) -> dict:
     images = jnp.asarray(images)
@@ -621,9 +626,122 @@ def content_ids(images: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type(h, jnp.int32)
 
 
+# ------------------------------------------------------------------------------ anomaly maps
+
+# Kinds with a per-pixel map: the seed kinds (their v_k is a map of the image's pixels).
+MAP_KINDS = ('stein_ssim', 'stein', 'eps_ssim', 'stein_ssim_ddim', 'stein_ddim')
+
+
+def anomaly_map_weights(num_timesteps: int, scorer_cfg, kind: str = 'stein_ssim',
+                        scale=None) -> np.ndarray:
+  """Timestep weights [K] for `make_anomaly_map_fn` that follow ``kind``'s timestep window.
+
+  Args:
+    num_timesteps: T of the diffusion schedule.
+    scorer_cfg: ``config.scorer`` (num_steps, t_min).
+    kind: a kind of `MAP_KINDS`.
+    scale: None (weight 1 on each of ``kind``'s timesteps) or per-timestep weights [K_kind] on
+      `kind_timesteps` (the grid points ``t_k >= t_min``), e.g. ``1 / std_k`` of the ID-train
+      p = 2 power sums; or already [K] on the whole grid (returned as is, as float32).
+
+  Returns:
+    float32 [K] (K = ``scorer_cfg.num_steps``): ``scale`` on the window, 0 before it.
+  """
+  if kind not in MAP_KINDS:
+    raise ValueError(f'No anomaly map for kind {kind!r}; choose from {MAP_KINDS}.')
+  k = int(scorer_cfg.num_steps)
+  k_kind = len(kind_timesteps(num_timesteps, scorer_cfg, kind))
+  w = np.ones(k_kind) if scale is None else np.asarray(scale, np.float64)
+  if w.shape == (k,):
+    return w.astype(np.float32)
+  if w.shape != (k_kind,):
+    raise ValueError(f'timestep weights must have shape [{k_kind}] (the timesteps of {kind!r}, '
+                     f't >= t_min) or [{k}] (the whole grid of config.scorer.num_steps), got '
+                     f'{w.shape}.')
+  return np.concatenate([np.zeros(k - k_kind), w]).astype(np.float32)
+
+
+def make_anomaly_map_fn(apply_fn: ApplyFn, schedule: schedule_lib.Schedule, scorer_cfg,
+                        kind: str = 'stein_ssim') -> Callable:
+  """Builds the pure per-pixel anomaly map of a seed kind: where an image's evidence lies.
+
+  The trajectory is the scorer's for ``kind`` (the same noise for the same key and ids: forward
+  noising with R = ``scorer_cfg.num_draws`` draws, or the DDIM path for the '*_ddim' kinds and
+  ``scorer_cfg.mode == 'ddim'``), evaluated on the WHOLE grid ``t_k = k T // K`` (K =
+  ``scorer_cfg.num_steps``; ``t_min`` is ignored here, put zero weights before it, as
+  `anomaly_map_weights` does). With ``v_k`` the kind's per-timestep map (``w(SSIM_k) * e_k`` for
+  'stein_ssim') and ``e_k`` the Stein error::
+
+    map[h, w]      = sum_k weights[k] * mean_r sum_c v_{r,k}[h, w, c]^2
+    baseline[h, w] = sum_k weights[k] * mean_r sum_c e_{r,k}[h, w, c]^2     (no SSIM weight)
+
+  so ``map.sum((1, 2)) == sum_k weights[k] * per_timestep[kind][:, k, 1]`` of
+  `make_trajectory_scorer`: the map splits the p = 2 power sums over pixels. Why the weights:
+  a zero-shot detector that standardises each timestep's power sums by their ID-train std before
+  summing is given ``weights[k] = 1 / std_k(<v_k>_2)`` (0 outside its timestep window); the map's
+  pixel sum is then that standardised statistic (up to its constant mean shift), so the map shows
+  where the detector's evidence comes from. All-ones weights give the paper's plain sum. Zero
+  weights still compute their timestep (shapes stay static).
+
+  Args:
+    apply_fn: eval-mode network ``(params, x_t [N, H, W, C], t [N] int32) -> eps_theta``.
+    schedule: the diffusion schedule the network was trained with.
+    scorer_cfg: ``config.scorer`` (as for `make_trajectory_scorer`; ``chunk`` is respected).
+    kind: one of `MAP_KINDS`.
+
+  Returns:
+    ``map_fn(params, images [B, H, W, C] in [-1, 1], image_ids [B] int32, key,
+    timestep_weights [K] float32) -> {'map': [B, H, W], 'baseline': [B, H, W]}`` float32,
+    non-negative for non-negative weights. Pure and jittable; a row depends only on its image,
+    its id, the key and the weights.
+
+  Raises:
+    ValueError: invalid config or kind (here), or badly shaped inputs (at trace time).
+  """
+  if kind not in MAP_KINDS:
+    raise ValueError(f'No anomaly map for kind {kind!r}; choose from {MAP_KINDS} (the DiffPath '
+                     'baselines have no per-pixel map).')
+  check_scorer_config(scorer_cfg, (kind,))
+  ts = schedule_lib.scorer_timesteps(schedule.num_timesteps, int(scorer_cfg.num_steps))
+  ddim = kind in _DDIM_VARIANTS or scorer_cfg.mode == 'ddim'
+  base = _DDIM_VARIANTS.get(kind, kind)
+  noise, num_draws, chunk = scorer_cfg.noise, int(scorer_cfg.num_draws), int(scorer_cfg.chunk)
+
+  def map_one(params, x0, image_id, key, weights):
+    if ddim:
+      traj = ddim_trajectory(apply_fn, schedule, ts, params, x0)
+    else:
+      traj = forward_trajectory(apply_fn, schedule, ts, noise, num_draws, params, x0, image_id,
+                                key)
+    maps = _kind_maps(tuple(dict.fromkeys((base, 'stein'))), traj, x0, scorer_cfg,
+                      diffpath=False)
+    reduce = lambda v: jnp.sum(_bk(weights) * jnp.mean(v * v, axis=0), axis=(0, 3))  # noqa: E731
+    return {'map': reduce(maps[base]), 'baseline': reduce(maps['stein'])}
+
+  def map_fn(params, images: jax.Array, image_ids: jax.Array, key: jax.Array,
+             timestep_weights: jax.Array) -> dict:
+    images = jnp.asarray(images)
+    image_ids = jnp.asarray(image_ids)
+    weights = jnp.asarray(timestep_weights)
+    if images.ndim != 4 or not jnp.issubdtype(images.dtype, jnp.floating):
+      raise ValueError(f'Images must be float [B, H, W, C] in [-1, 1], got '
+                       f'{images.dtype}{images.shape}.')
+    if image_ids.shape != images.shape[:1] or not jnp.issubdtype(image_ids.dtype, jnp.integer):
+      raise ValueError(f'image_ids must be integers of shape [B]={images.shape[:1]}, got '
+                       f'{image_ids.dtype}{image_ids.shape}.')
+    if weights.shape != ts.shape:
+      raise ValueError(f'timestep_weights must have shape [{len(ts)}] (one per grid timestep '
+                       f'{ts.tolist()}), got {weights.shape}; see anomaly_map_weights.')
+    weights = weights.astype(jnp.float32)
+    return _map_images(lambda x0, i: map_one(params, x0, i, key, weights),
+                       images.astype(jnp.float32), image_ids.astype(jnp.int32), chunk)
+
+  return map_fn
+
+
 __all__ = ['FEATURE_KINDS', 'FEATURE_DIMS', 'MODES', 'EPS_SSIM_CLIP', 'EPS_SSIM_MAX_VAL',
            'content_ids',
            'Trajectory', 'check_scorer_config', 'kind_timesteps', 'validate_images',
            'forward_trajectory', 'ddim_trajectory', 'denoised_estimate', 'trajectory_ssim',
            'ssim_weight', 'stein_error', 'power_sums', 'six_d_features', 'make_trajectory_scorer',
-           'trajectory_maps']
+           'trajectory_maps', 'MAP_KINDS', 'anomaly_map_weights', 'make_anomaly_map_fn']

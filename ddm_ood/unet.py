@@ -19,7 +19,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
@@ -272,26 +271,6 @@ def init_params(model: UNet, key: jax.Array, image_size: int):
   """Initialises parameters for [1, image_size, image_size, channels] inputs."""
   x = jnp.zeros((1, image_size, image_size, model.channels), jnp.float32)
   return model.init(key, x, jnp.zeros((1,), jnp.int32))
-
-
-def random_params(model: UNet, image_size: int, seed: int = 0):
-  """Random parameters with EVERY layer non-zero, drawn in numpy (no compiled init).
-
-  flax's init zeroes conv_out and each residual branch's last conv, so a freshly initialised
-  UNet outputs 0; tests and benchmarks need eps_theta to be a non-trivial function of (x_t, t).
-  Kernels ~ N(0, 1 / fan_in); GroupNorm scales ~ 1 + 0.1 N(0, 1); biases ~ 0.1 N(0, 1).
-  """
-  shapes = jax.eval_shape(lambda k: init_params(model, k, image_size), jax.random.key(0))
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name = jax.tree_util.keystr(path)
-    z = rng.standard_normal(leaf.shape).astype(np.float32)
-    if name.endswith("['kernel']"):
-      return jnp.asarray(z / np.sqrt(np.prod(leaf.shape[:-1])))
-    return jnp.asarray((1.0 if name.endswith("['scale']") else 0.0) + 0.1 * z)
-
-  return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def param_count(params) -> int:

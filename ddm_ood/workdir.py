@@ -11,13 +11,19 @@
   exits or is killed), so a second writer is refused with the holder's pid.
 
 Only then is ``config.json`` written. Errors raised here are `WorkdirError` (one line each).
+
+This module also owns the workdir's files: atomic writes (`atomic_write`, `atomic_write_json`,
+`atomic_savez`), ``config.json`` (`save_config` / `load_config`), ``metrics.jsonl``
+(`read_metrics`) and the RNG purpose tags (`Purpose`, `purpose_key`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import errno
 import fcntl
+import io
 import json
 import os
 from typing import Any, Iterator
@@ -32,6 +38,104 @@ LOCK_FILE = '.lock'
 MODEL_FIELDS = ('data.image_size', 'data.channels', 'model', 'diffusion')
 # ... except these, which choose how the network is computed, not what it is.
 NON_MODEL_FIELDS = ('model.compute_dtype',)
+
+
+# ------------------------------------------------------------------------ layout, I/O, RNG
+CONFIG_FILE = 'config.json'
+METRICS_FILE = 'metrics.jsonl'
+
+
+class Purpose(enum.IntEnum):
+  """RNG purpose tags: every random stream is ``fold_in(key(config.seed), purpose)``.
+
+  Distinct by construction (an IntEnum with unique values, checked in tests), so no two purposes
+  share a key. Values are part of the results: changing one changes what a seed produces.
+  """
+  INIT = 1       # UNet initialisation
+  TRAIN = 2      # training noise / timesteps / dropout (then folded with the step)
+  SAMPLE = 3     # EMA sample grids
+  SCORER = 4     # trajectory noise of the scorer (then folded with image id, draw, timestep)
+
+
+def purpose_key(seed: int, purpose: Purpose):
+  """``fold_in(jax.random.key(seed), purpose)``: the base key of one purpose (typed key)."""
+  import jax  # pylint: disable=g-import-not-at-top  # importable before JAX picks its devices
+  return jax.random.fold_in(jax.random.key(int(seed)), int(Purpose(purpose)))
+
+
+def atomic_write(path: str, content: str | bytes) -> None:
+  """Writes ``content`` to ``path`` via a temporary file in the same folder and ``os.replace``.
+
+  A reader (or a run killed mid-write) sees the old file or the new one, never a partial file;
+  if writing fails, the temporary file is removed and ``path`` is left as it was.
+  """
+  path = os.fspath(path)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f'{path}.tmp{os.getpid()}'
+  try:
+    with open(tmp, 'wb' if isinstance(content, bytes) else 'w', newline='' if isinstance(
+        content, str) else None) as f:
+      f.write(content)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def atomic_write_json(path: str, obj: Any, indent: int | None = 1) -> None:
+  """`atomic_write` of ``json.dumps(obj)``."""
+  atomic_write(path, json.dumps(obj, indent=indent))
+
+
+def atomic_savez(path: str, **arrays) -> None:
+  """`atomic_write` of ``np.savez(**arrays)`` (``path`` should end in ``.npz``)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  buf = io.BytesIO()
+  np.savez(buf, **arrays)
+  atomic_write(path, buf.getvalue())
+
+
+def metrics_path(workdir: str) -> str:
+  return os.path.join(workdir, METRICS_FILE)
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The records of ``workdir/metrics.jsonl`` in order ([] if none); a torn last line is skipped."""
+  path = metrics_path(workdir)
+  if not os.path.exists(path):
+    return []
+  records = []
+  with open(path) as f:
+    for line in f:
+      line = line.strip()
+      if not line:
+        continue
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue
+  return records
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes ``workdir/config.json`` atomically (process 0 only); read back by `load_config`."""
+  import jax  # pylint: disable=g-import-not-at-top  # importable before JAX picks its devices
+  if jax.process_index() != 0:
+    return
+  atomic_write(os.path.join(workdir, CONFIG_FILE), config.to_json_best_effort(indent=1))
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a workdir was trained / converted and evaluated with (``workdir/config.json``)."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'No {CONFIG_FILE} in {workdir}: is this a ddm_ood workdir? Run '
+                            '`python -m ddm_ood.main --config=... --workdir=...` first.')
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
 
 
 class WorkdirError(ValueError):
@@ -215,5 +319,8 @@ def lock(workdir: str) -> Iterator[None]:
     f.close()  # closing the descriptor releases the flock
 
 
-__all__ = ['WorkdirError', 'SourceError', 'MODEL_FIELDS', 'model_fields', 'check_workdir_path', 'saved_config',
+__all__ = ['CONFIG_FILE', 'METRICS_FILE', 'Purpose', 'purpose_key', 'atomic_write',
+           'atomic_write_json', 'atomic_savez', 'metrics_path', 'read_metrics', 'save_config',
+           'load_config', 'WorkdirError', 'SourceError', 'MODEL_FIELDS', 'model_fields',
+           'check_workdir_path', 'saved_config',
            'check_compatible', 'validate_config', 'lock', 'LOCK_FILE']

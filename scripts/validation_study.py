@@ -29,13 +29,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from ddm_ood import api  # noqa: E402
 from ddm_ood import checkpoint  # noqa: E402
 from ddm_ood import data  # noqa: E402
 from ddm_ood import detector  # noqa: E402
 from ddm_ood import evaluate  # noqa: E402
 from ddm_ood import metrics  # noqa: E402
 from ddm_ood import schedule as schedule_lib  # noqa: E402
+from ddm_ood import workdir as workdir_lib  # noqa: E402
 
 KIND = 'stein_ssim'
 
@@ -54,7 +54,7 @@ def main() -> None:
   parser.add_argument('--num_val', type=int, default=250)
   args = parser.parse_args()
 
-  config = api.load_config(args.workdir)
+  config = workdir_lib.load_config(args.workdir)
   params, step = checkpoint.restore_ema_params(args.workdir, config)
   ev = config.eval
   n_fit, n_val = args.num_fit, args.num_val

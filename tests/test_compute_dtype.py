@@ -8,8 +8,9 @@ import pytest
 from ddm_ood import schedule as schedule_lib
 from ddm_ood import scorer as scorer_lib
 from ddm_ood import train
-from ddm_ood.unet import UNet, random_params, resolve_compute_dtype
+from ddm_ood.unet import UNet, resolve_compute_dtype
 from tests.test_scorer import scorer_cfg, setup
+from tests.train_helpers import random_params
 
 # bfloat16 keeps 8 significant bits (relative rounding 2^-9 = 0.2% per operation). On the test
 # UNet with random weights (all layers active, so errors are not damped as in a trained network)

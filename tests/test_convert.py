@@ -18,6 +18,7 @@ import pytest
 from ddm_ood import api
 from ddm_ood import convert
 from ddm_ood import unet
+from tests import train_helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, 'tests', 'fixtures')
@@ -96,7 +97,7 @@ def test_default_networks_unchanged():
                      attn_resolutions=tuple(config.model.attn_resolutions),
                      num_heads=config.model.num_heads, dropout=config.model.dropout,
                      num_groups=config.model.num_groups)
-  params = unet.random_params(model, 16)
+  params = train_helpers.random_params(model, 16)
   x = jax.random.normal(jax.random.key(0), (2, 16, 16, 1))
   t = jnp.array([3, 90])
   np.testing.assert_array_equal(jax.jit(model.apply)(params, x, t),

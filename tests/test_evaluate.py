@@ -33,12 +33,25 @@ def test_result_files(workdir):
     assert os.path.getsize(os.path.join(ev, f)) > 100, f
   res = json.load(open(os.path.join(ev, 'results.json')))
   kinds = set(r['kind'] for r in res['rows'])
-  assert kinds == {'stein_ssim', 'stein', 'diffpath_6d', 'diffpath_1d'}
+  assert kinds == {'stein_ssim', 'stein_ssim@published', 'stein', 'diffpath_6d', 'diffpath_1d'}
+  roles = {r['kind']: r['role'] for r in res['rows']}
+  assert roles == {'stein_ssim': 'method', 'stein_ssim@published': 'method', 'stein': 'ablation',
+                   'diffpath_6d': 'baseline', 'diffpath_1d': 'baseline'}
+  # The zero-shot rows carry the setting the ID-only protocol chose (a window of the run's grid)
+  # and the as-published row R = 1 on the whole window, plain sum.
+  s = res['settings']['fashion_mnist']
+  assert s['stein_ssim']['setting']['aggregation'] == 'zsum'
+  assert s['stein_ssim']['setting']['t_min'] in (25, 50)
+  assert len(s['stein_ssim']['selection']) == 2   # t_mins (0, 50) snapped to the window 25..75
+  assert s['stein_ssim@published']['setting'] == dict(
+      kind='stein_ssim', draws='first', num_draws=1, t_min=25, k0=0, aggregation='sum')
+  assert s['diffpath_6d']['setting'] is None
   pairs = set((r['id'], r['ood']) for r in res['rows'])
   assert pairs == {('fashion_mnist', 'mnist'), ('fashion_mnist', 'noise_gaussian')}
   for r in res['rows']:
     assert 0.0 <= r['auroc'] <= 1.0 and 0.0 <= r['fpr95'] <= 1.0
-    assert len(r['per_timestep_auroc']) == len(res['kind_timesteps'][r['kind']])
+    if '@' not in r['kind']:
+      assert len(r['per_timestep_auroc']) == len(res['kind_timesteps'][r['kind']])
   # The run's t_min = 25 on the grid 0, 25, 50, 75 (T = 100, K = 4): the seed kinds use the
   # window, the DiffPath baselines the whole grid.
   assert res['timesteps'] == [0, 25, 50, 75]
@@ -46,8 +59,10 @@ def test_result_files(workdir):
   assert res['kind_timesteps']['diffpath_6d'] == [0, 25, 50, 75]
   # The table in the report equals results.json.
   report = open(os.path.join(workdir, 'report.md')).read()
+  results_section = report.split('## Results')[1].split('## Averages')[0]
   for r in res['rows']:
-    line = [l for l in report.splitlines() if l.startswith(f"| {r['id']} | {r['ood']} |")]
+    line = [l for l in results_section.splitlines()
+            if l.startswith(f"| {r['id']} | {r['ood']} |")]
     assert len(line) == 1
     assert f"{r['auroc']:.4f}" in line[0] and f"{r['fpr95']:.4f}" in line[0]
   csv_lines = open(os.path.join(ev, 'results.csv')).read().splitlines()
@@ -68,17 +83,33 @@ def test_plots_exist_and_are_nontrivial(workdir):
 
 
 def test_features_are_cached(workdir):
-  from ddm_ood import api
   from ddm_ood import evaluate
+  from ddm_ood import workdir as workdir_lib
   cache = os.path.join(workdir, 'features')
   files = [os.path.join(d, f) for d, _, fs in os.walk(cache) for f in fs]
   assert files
   before = {f: os.path.getmtime(f) for f in files}
-  config = api.load_config(workdir)
+  config = workdir_lib.load_config(workdir)
   res = evaluate.run_suite(config, workdir, make_report=False)
   assert {f: os.path.getmtime(f) for f in files} == before  # read back, not recomputed
   old = json.load(open(os.path.join(workdir, 'eval', 'results.json')))
   assert [r['auroc'] for r in res['rows']] == [r['auroc'] for r in old['rows']]
+
+
+def test_zero_shot_choice_never_depends_on_the_ood_sets(workdir, tmp_path):
+  """The zero-shot protocol sees ID images only: other OOD sets, same choice and detector."""
+  import shutil
+  from ddm_ood import evaluate
+  from ddm_ood import workdir as workdir_lib
+  copy = str(tmp_path / 'run')
+  shutil.copytree(workdir, copy)
+  config = workdir_lib.load_config(copy)
+  first = json.load(open(os.path.join(workdir, 'eval', 'results.json')))['settings']
+  config.eval.ood_datasets = ('noise_uniform',)
+  res = evaluate.run_suite(config, copy, make_report=False)
+  for method in ('stein_ssim', 'stein', 'stein_ssim@published'):
+    assert res['settings']['fashion_mnist'][method] == first['fashion_mnist'][method], method
+  assert {r['ood'] for r in res['rows']} == {'noise_uniform'}
 
 
 def test_embedded_api_matches_suite_scores(workdir):
@@ -93,10 +124,19 @@ def test_embedded_api_matches_suite_scores(workdir):
   saved = np.load(os.path.join(workdir, 'eval', 'scores.npz'))['fashion_mnist|stein_ssim|id']
   np.testing.assert_allclose(scores, saved, rtol=1e-4, atol=1e-4)
   # The pure function embeds in a user's own jit.
-  f = jax.jit(api.make_anomaly_fn(ood.apply_fn, ood.schedule, config.scorer, 'stein_ssim'))
+  assert ood.draws == 'all'   # the zero-shot detector is fitted on aggregated statistics
+  f = jax.jit(api.make_anomaly_fn(ood.apply_fn, ood.schedule, config.scorer, 'stein_ssim',
+                                  ood.draws))
   ids = np.arange(5, dtype=np.int32)
   s = f(ood.unet_params, ood.detector_params, images[:5], ids, ood.key)
   np.testing.assert_allclose(np.asarray(s), saved[:5], rtol=1e-4, atol=1e-4)
+  # Every method of the results loads and scores as the suite did.
+  all_scores = np.load(os.path.join(workdir, 'eval', 'scores.npz'))
+  for method in ('stein_ssim@published', 'stein', 'diffpath_6d', 'diffpath_1d'):
+    got = api.load_anomaly_scorer(workdir, kind=method)(images[:8], np.arange(8, dtype=np.int32))
+    want = all_scores[f'fashion_mnist|{method}|id'][:8]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max(),
+                               err_msg=method)
 
 
 def test_api_bad_input(workdir):
@@ -120,10 +160,10 @@ def test_api_bad_input(workdir):
 
 
 def test_evaluate_rejects_bad_suite(workdir, tmp_path):
-  from ddm_ood import api
   from ddm_ood import data
   from ddm_ood import evaluate
-  config = api.load_config(workdir)
+  from ddm_ood import workdir as workdir_lib
+  config = workdir_lib.load_config(workdir)
   config.eval.ood_datasets = ('no_such_set',)
   with pytest.raises(data.DataError, match='no_such_set'):
     evaluate.run_suite(config, workdir, make_report=False)
@@ -151,7 +191,9 @@ def test_main_job_on_embedded_default_at_reduced_size(tmp_path):
                '--config.scorer.chunk=8', '--config.eval.num_fit=40',
                '--config.eval.num_test=24', '--config.eval.num_examples_plot=1',
                '--config.detector.n_components=(1,2)',
-               '--config.detector.covariance_types=("diag",)', '--config.detector.cv_folds=2']
+               '--config.detector.covariance_types=("diag",)', '--config.detector.cv_folds=2',
+               '--config.select.num_val=12', '--config.select.t_mins=(0,400)',
+               '--config.select.localisation_images=6']
   cmd = [sys.executable, '-m', 'ddm_ood.main', f'--config={config}', f'--workdir={tmp_path}',
          *overrides]
   proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'),
@@ -160,11 +202,18 @@ def test_main_job_on_embedded_default_at_reduced_size(tmp_path):
   res = json.load(open(tmp_path / 'eval' / 'results.json'))
   from configs import fashion_mnist
   ev = fashion_mnist.get_config().eval
+  methods = list(ev.feature_kinds) + ['stein_ssim@published', 'stein_ssim@oracle']
   expected = {(i, o, k) for i in ev.id_datasets for o in ev.ood_datasets if o != i
-              for k in ev.feature_kinds}
+              for k in methods}
   assert {(r['id'], r['ood'], r['kind']) for r in res['rows']} == expected
-  assert res['kind_timesteps']['stein_ssim'] == [400, 600, 800]
+  assert res['kind_timesteps']['stein_ssim'] == [0, 200, 400, 600, 800]
   assert res['kind_timesteps']['diffpath_6d'] == [0, 200, 400, 600, 800]
+  # The leave-one-out check covers every OOD set; the localisation study ran on 6 images.
+  assert set(res['leave_one_out']) == set(ev.ood_datasets)
+  assert res['localisation']['num_images'] == 6 and res['localisation']['donor'] == 'textures'
+  report = open(tmp_path / 'report.md').read()
+  for section in ('three ways', 'Leave-one-OOD-set-out', 'Localisation', 'Zero-shot selection'):
+    assert section in report, section
   assert os.path.exists(tmp_path / 'report.md')
   assert len(os.listdir(tmp_path / 'plots')) >= 2 * len(ev.id_datasets) + 4
 

@@ -40,8 +40,8 @@ def _tiny():
 def trained(tmp_path_factory):
   wd = str(tmp_path_factory.mktemp('trained'))
   config = _tiny()
-  train.train_and_evaluate(config, wd)
-  api.save_config(config, wd)
+  train.train(config, wd)
+  workdir_lib.save_config(config, wd)
   return wd
 
 
@@ -86,7 +86,7 @@ def test_rejected_runs_leave_the_workdir_untouched(run_dir):
   _one_line_error(_cli(run_dir, '--config.model.ch=16'), 'model.ch: checkpoint 8 vs now 16')
   _one_line_error(_cli(run_dir, "--config.eval.feature_kinds=('nope',)"), "['nope']")
   assert _snapshot(run_dir) == before
-  assert api.load_config(run_dir).model.ch == 8
+  assert workdir_lib.load_config(run_dir).model.ch == 8
 
 
 # ------------------------------------------------------------- 2. model fields match checkpoint
@@ -102,7 +102,7 @@ def test_network_fields_must_match_the_checkpoint(run_dir):
   config = _tiny()
   config.model.num_res_blocks, config.train.num_steps = 2, 6
   with pytest.raises(workdir_lib.WorkdirError, match='model.num_res_blocks: checkpoint 1 vs now 2'):
-    train.train_and_evaluate(config, run_dir)   # resume
+    train.train(config, run_dir)   # resume
   assert _snapshot(run_dir) == before
   config = _tiny()  # eval-only fields may change
   config.eval.num_test = 7
@@ -134,7 +134,7 @@ def test_folder_counts_each_real_file_once(tmp_path):
 def test_default_ids_make_scores_independent_of_batching():
   config = _tiny()
   model = unet.build_model(config)
-  params = unet.random_params(model, 16, seed=1)
+  params = h.random_params(model, 16, seed=1)
   rng = np.random.default_rng(0)
   images = rng.uniform(-1, 1, (12, 16, 16, 1)).astype(np.float32)
   fitted = detector.fit_detector(rng.normal(size=(64, 6)), config.detector, seed=0)
@@ -174,7 +174,7 @@ def test_corrupt_latest_checkpoint_falls_back(run_dir, trained, caplog):
   assert any('Checkpoint 4 ' in r.getMessage() and 'falling back to step 2' in r.getMessage()
              for r in caplog.records)
   # Resume: from step 2, the bad step moved aside, retrained to 4, equal to the intact run.
-  result = train.train_and_evaluate(config, run_dir)
+  result = train.train(config, run_dir)
   assert result['step'] == 4
   assert os.listdir(os.path.join(run_dir, 'checkpoints_unreadable'))[0].startswith('4.')
   got, _ = checkpoint.restore_ema_params(run_dir, config)
@@ -193,7 +193,7 @@ def test_corrupt_latest_checkpoint_falls_back(run_dir, trained, caplog):
 def test_truncated_feature_cache_is_recomputed(tmp_path, caplog):
   config = _tiny()
   config.eval.feature_kinds = ('stein_ssim',)
-  params = unet.random_params(unet.build_model(config), 16, seed=2)
+  params = h.random_params(unet.build_model(config), 16, seed=2)
   ext = evaluate.FeatureExtractor(config, params, 4, cache_dir=str(tmp_path))
   first = ext.features('noise_gaussian', 'test', 4)
   (path,) = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs]
@@ -229,7 +229,7 @@ def test_second_writer_is_refused_and_lock_dies_with_holder(tmp_path):
         pass
     config = _tiny()
     with pytest.raises(workdir_lib.WorkdirError, match=f'pid {holder.pid}'):
-      train.train_and_evaluate(config, wd)
+      train.train(config, wd)
     assert not os.path.exists(os.path.join(wd, 'metrics.jsonl'))
   finally:
     holder.send_signal(signal.SIGKILL)
@@ -286,7 +286,7 @@ def test_bad_steps_missing_config_and_file_workdir(tmp_path):
   config = _tiny()
   config.train.num_steps = -5
   with pytest.raises(workdir_lib.WorkdirError, match='num_steps must be a positive'):
-    train.train_and_evaluate(config, str(tmp_path / 'a'))
+    train.train(config, str(tmp_path / 'a'))
   assert not os.path.exists(tmp_path / 'a')
   a_file = tmp_path / 'file'
   a_file.write_text('x')
@@ -301,6 +301,5 @@ def test_metrics_truncated_on_resume(tmp_path):
   path = tmp_path / 'metrics.jsonl'
   lines = [json.dumps({'step': s, 'loss': float(s)}) for s in (1, 2, 3, 4, 5, 3, 4)]
   path.write_text('\n'.join(lines) + '\n{"step": 6, "lo')   # a line cut by a kill
-  writer = train._MetricWriter(str(tmp_path), enabled=True)  # pylint: disable=protected-access
-  writer.truncate(4)
+  train.truncate_metrics(str(tmp_path), 4)
   assert [json.loads(l)['step'] for l in path.read_text().splitlines()] == [1, 2, 3, 4]

@@ -1,4 +1,4 @@
-"""Tests of ddm_ood.schedule: schedules, forward process and eps / score / x0 conversions."""
+"""Tests of ddm_ood.schedule: schedules, forward process and x_t / eps / x0 conversions."""
 
 import jax
 import jax.numpy as jnp
@@ -51,13 +51,29 @@ def test_round_trips():
   x0 = jax.random.uniform(k1, (4, 8, 8, 3), minval=-1, maxval=1)
   eps = jax.random.normal(k2, x0.shape)
   t = jax.random.randint(k3, (4,), 0, 1000)
-  score = schedule_lib.eps_to_score(s, eps, t)
-  np.testing.assert_allclose(schedule_lib.score_to_eps(s, score, t), eps, rtol=1e-5, atol=1e-5)
-  sig = np.asarray(s.sigmas[t])[:, None, None, None]
-  np.testing.assert_allclose(score, -np.asarray(eps) / sig, rtol=1e-5)
   xt = schedule_lib.q_sample(s, x0, t, eps)
   np.testing.assert_allclose(schedule_lib.eps_to_x0(s, xt, eps, t), x0, atol=2e-3)
   np.testing.assert_allclose(schedule_lib.x0_to_eps(s, xt, x0, t), eps, atol=2e-3)
+
+
+def test_conversions_broadcast_timesteps_like_the_callers():
+  """t of shape [1, K] against [R, K, H, W, C] (the scorer's layout) and a scalar t (the sampler)
+  give exactly the hand-broadcast formulas with the schedule's gathered coefficients."""
+  s = schedule_lib.make_schedule('cosine', 1000)
+  ts = schedule_lib.scorer_timesteps(1000, 5)
+  k1, k2 = jax.random.split(jax.random.key(1))
+  x0 = jax.random.uniform(k1, (2, 5, 4, 4, 3), minval=-1, maxval=1)
+  eps = jax.random.normal(k2, x0.shape)
+  a, sig = schedule_lib.coefficients(s, ts)
+  np.testing.assert_array_equal(a, np.asarray(s.sqrt_alphas_cumprod)[ts])
+  a, sig = a[:, None, None, None], sig[:, None, None, None]
+  xt = schedule_lib.q_sample(s, x0, ts[None], eps)
+  np.testing.assert_array_equal(xt, a * x0 + sig * eps)
+  np.testing.assert_array_equal(schedule_lib.eps_to_x0(s, xt, eps, ts[None]), (xt - sig * eps) / a)
+  np.testing.assert_array_equal(schedule_lib.x0_to_eps(s, xt, x0, ts[None]), (xt - a * x0) / sig)
+  t = jnp.int32(700)
+  np.testing.assert_array_equal(schedule_lib.eps_to_x0(s, x0[0], eps[0], t),
+                                (x0[0] - s.sigmas[700] * eps[0]) / s.sqrt_alphas_cumprod[700])
 
 
 def test_bad_schedule_name():

@@ -28,7 +28,8 @@ from skimage.metrics import structural_similarity
 from configs.default import get_config
 from ddm_ood import schedule as schedule_lib
 from ddm_ood import scorer as scorer_lib
-from ddm_ood.unet import UNet, random_params
+from ddm_ood.unet import UNet
+from tests.train_helpers import random_params
 
 T = 100
 K = 4

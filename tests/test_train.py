@@ -17,6 +17,7 @@ from ddm_ood import sampling
 from ddm_ood import schedule as schedule_lib
 from ddm_ood import train
 from ddm_ood import unet
+from ddm_ood import workdir as workdir_lib
 from tests import train_helpers as h
 
 _SHARDED_SCRIPT = r'''
@@ -85,12 +86,12 @@ def _restore_state(workdir, config):
 def test_sigkill_and_sigterm_resume_matches_uninterrupted(tmp_path):
   """SIGKILL after checkpoint 2, rerun, SIGTERM mid-run, rerun: same state as one go."""
   steps = ['--config.train.num_steps=8', '--config.train.checkpoint_every=2']
-  slow = ['--config.train.debug_sleep_per_step=0.5']
   straight, interrupted = str(tmp_path / 'straight'), str(tmp_path / 'interrupted')
   start = functools.partial(h.start_main, cache_dir=tmp_path / 'jax_cache')
+  slow = functools.partial(start, sleep_per_step=0.5)
   baseline = start(straight, tmp_path / 'straight.log', *steps)
 
-  run1 = start(interrupted, tmp_path / 'run1.log', *steps, *slow)
+  run1 = slow(interrupted, tmp_path / 'run1.log', *steps)
   h.wait_for(lambda: h.finished_steps(interrupted), run1, 240, 'checkpoint 2')
   run1.send_signal(signal.SIGKILL)
   run1.wait(30)
@@ -98,9 +99,9 @@ def test_sigkill_and_sigterm_resume_matches_uninterrupted(tmp_path):
   assert killed_at in (2, 4), h.finished_steps(interrupted)
 
   log2 = tmp_path / 'run2.log'
-  run2 = start(interrupted, log2, *steps, *slow)
-  h.wait_for(lambda: f'step {killed_at + 1}/8' in h.read(log2), run2, 240,
-             f'step {killed_at + 1} of the resumed run')
+  run2 = slow(interrupted, log2, *steps)
+  h.wait_for(lambda: killed_at + 1 in [r['step'] for r in workdir_lib.read_metrics(interrupted)],
+             run2, 240, f'step {killed_at + 1} of the resumed run')
   run2.send_signal(signal.SIGTERM)
   assert run2.wait(120) == 0, h.read(log2)[-3000:]
   text = h.read(log2)
@@ -138,8 +139,7 @@ def test_sigkill_while_writing_a_checkpoint_resumes_bit_identical(tmp_path):
            '--config.train.num_samples=0']
   straight, killed = str(tmp_path / 'straight'), str(tmp_path / 'killed')
   start = functools.partial(h.start_main, cache_dir=tmp_path / 'jax_cache')
-  run1 = start(killed, tmp_path / 'run1.log', *steps,
-               '--config.train.debug_sigkill_in_save_step=4')
+  run1 = start(killed, tmp_path / 'run1.log', *steps, sigkill_in_save_step=4)
   assert run1.wait(240) == -signal.SIGKILL, h.read(tmp_path / 'run1.log')[-3000:]
   assert h.finished_steps(killed) == [2], os.listdir(os.path.join(killed, 'checkpoints'))
   baseline = start(straight, tmp_path / 'straight.log', *steps)
@@ -169,7 +169,7 @@ def test_tfds_celeba_config_mock_data(tmp_path):
   tc.batch_size, tc.num_steps, tc.warmup_steps = 4, 2, 1
   tc.log_every, tc.checkpoint_every, tc.num_samples, tc.sample_steps = 1, 2, 2, 2
   with tfds.testing.mock_data(num_examples=16):
-    result = train.train_and_evaluate(config, str(tmp_path))
+    result = train.train(config, str(tmp_path))
   assert result['step'] == 2 and np.isfinite(result['loss'])
   assert checkpoint.latest_step(str(tmp_path)) == 2
   assert os.path.exists(tmp_path / 'samples' / 'samples_00000002.png')
@@ -183,7 +183,7 @@ def test_fashion_mnist_loss_decreases(tmp_path):
   tc.batch_size, tc.num_steps, tc.learning_rate, tc.warmup_steps = 16, 20, 2e-3, 2
   tc.log_every, tc.checkpoint_every, tc.num_samples = 1, 20, 4
   config.model.dropout = 0.0
-  result = train.train_and_evaluate(config, str(tmp_path))
+  result = train.train(config, str(tmp_path))
   with open(tmp_path / 'metrics.jsonl') as f:
     records = [json.loads(line) for line in f]
   assert [r['step'] for r in records] == list(range(1, 21))
@@ -194,14 +194,29 @@ def test_fashion_mnist_loss_decreases(tmp_path):
                                                        'steps_per_sec', 'time'}
   ema, step = checkpoint.restore_ema_params(str(tmp_path), config)
   assert step == 20 and all(np.all(np.isfinite(x)) for x in jax.tree.leaves(ema))
+  # The same losses as TensorBoard scalars (clu's writer) in the workdir, plus clu's steps/s.
+  tb_loss = _tensorboard_scalars(str(tmp_path), 'loss')
+  assert sorted(tb_loss) == list(range(1, 21))
+  np.testing.assert_allclose([tb_loss[s] for s in range(1, 21)], losses, rtol=1e-6)
+  assert set(_tensorboard_scalars(str(tmp_path), 'steps_per_sec')) == set(range(2, 21))
 
 
-def test_nonfinite_loss_raises_and_keeps_last_good_checkpoint(tmp_path):
+def _tensorboard_scalars(workdir, tag):
+  """{step: value} of scalar ``tag`` in the TensorBoard event files directly in ``workdir``."""
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  from tensorboard.util import tensor_util  # pylint: disable=g-import-not-at-top
+  assert [f for f in os.listdir(workdir) if f.startswith('events.out.tfevents.')], os.listdir(workdir)
+  acc = event_accumulator.EventAccumulator(workdir, size_guidance={event_accumulator.TENSORS: 0})
+  acc.Reload()
+  return {e.step: float(tensor_util.make_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)}
+
+
+def test_nonfinite_loss_raises_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
   config = h.load_config('tiny')
   config.train.num_steps, config.train.checkpoint_every = 6, 2
-  config.train.debug_nan_step = 3
+  h.nan_at_step(monkeypatch, 3)
   with pytest.raises(FloatingPointError, match=r'step 3.*learning_rate'):
-    train.train_and_evaluate(config, str(tmp_path))
+    train.train(config, str(tmp_path))
   assert checkpoint.latest_step(str(tmp_path)) == 2
   ema, step = checkpoint.restore_ema_params(str(tmp_path), config)
   assert step == 2 and all(np.all(np.isfinite(x)) for x in jax.tree.leaves(ema))

@@ -1,0 +1,144 @@
+"""The named-source registry and :func:`load_images`, the one entry point of the data package."""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import ml_collections
+import numpy as np
+
+from ddm_ood.data import builtin
+from ddm_ood.data import folder
+from ddm_ood.data import formats
+from ddm_ood.data import resize
+from ddm_ood.data import splits
+from ddm_ood.data import tfds_source
+from ddm_ood.data.errors import DataError
+
+SOURCE_PREFIXES = ('tfds:', 'folder:')
+
+
+def available_sources() -> list[str]:
+  """The registered source names, then the prefixes 'tfds:' and 'folder:'.
+
+  Returns:
+    e.g. ['constant', 'digits', 'fashion_mnist', ..., 'tfds:', 'folder:'].
+  """
+  return sorted(builtin.SOURCES) + list(SOURCE_PREFIXES)
+
+
+def _unknown(name: str) -> DataError:
+  return DataError(
+      f'Unknown data source {name!r}. Available: {", ".join(sorted(builtin.SOURCES))}; or '
+      f'tfds:NAME with NAME in {", ".join(tfds_source.TFDS_NAMES)}; or folder:/path/to/images.')
+
+
+def check_source_name(name: str) -> None:
+  """Raises :class:`DataError` if ``name`` is not a valid source name (cheap: loads nothing).
+
+  A 'folder:PATH' must name an existing directory; registered sources are not probed.
+
+  Args:
+    name: a registered name, 'tfds:NAME' or 'folder:PATH'.
+  """
+  if not isinstance(name, str):
+    raise _unknown(repr(name))
+  if name in builtin.SOURCES:
+    return
+  if name.startswith('tfds:'):
+    if name[5:] not in tfds_source.TFDS_NAMES:
+      raise DataError(f'Unsupported TFDS dataset {name[5:]!r}; supported: '
+                      f'{", ".join("tfds:" + n for n in tfds_source.TFDS_NAMES)}.')
+    return
+  if name.startswith('folder:'):
+    if not name[7:]:
+      raise DataError("'folder:' needs a path, e.g. folder:/path/to/images.")
+    if not os.path.isdir(os.path.expanduser(name[7:])):
+      raise DataError(f'Image folder {name[7:]!r} (source {name!r}) does not exist or is not a '
+                      'directory; pass an existing folder, e.g. folder:/path/to/images.')
+    return
+  raise _unknown(name)
+
+
+def source_info(name: str) -> str:
+  """One line describing a source: what it is and how to get it.
+
+  Args:
+    name: a registered name, 'tfds:' / 'tfds:NAME', or 'folder:' / 'folder:PATH'.
+  """
+  if name in builtin.SOURCES:
+    return builtin.SOURCES[name].info
+  tfds_names = tfds_source.TFDS_NAMES
+  if name == 'tfds:' or (name.startswith('tfds:') and name[5:] in tfds_names):
+    which = name[5:] or 'NAME'
+    return (f'TensorFlow Datasets {which} (NAME in {", ".join(tfds_names)}); needs tensorflow + '
+            'tensorflow-datasets and prepared data (--config.data.data_dir); CelebA is center-'
+            'cropped to 140x140, then every image is antialiased-resized to image_size.')
+  if name.startswith('folder:'):
+    where = name[7:] or 'PATH'
+    extensions = "/".join(e[1:] for e in formats.IMAGE_EXTENSIONS)
+    return (f'Every {extensions} image under {where} (recursive; '
+            'train/ and test/ subfolders select the split), center-cropped to a square and '
+            'resized to image_size.')
+  check_source_name(name)  # raises the helpful error
+  raise _unknown(name)
+
+
+def _source(name: str, process_split: bool) -> Callable[..., np.ndarray]:
+  check_source_name(name)
+  if name in builtin.SOURCES:
+    return builtin.SOURCES[name].load
+  if name.startswith('tfds:'):
+    return tfds_source.tfds_loader(name[5:], process_split)
+  return folder.folder_loader(name[7:])
+
+
+def is_process_split(name: str, process_count: int) -> bool:
+  """Whether ``load_images(name, ..., process_split=True)`` gives each of ``process_count`` JAX
+  processes its own shard (TFDS sources on several hosts) rather than the full split (the
+  in-memory sources, which every host loads whole and `train.BatchStream` partitions)."""
+  check_source_name(name)
+  return process_count > 1 and name.startswith('tfds:')
+
+
+def load_images(name: str, split: str, data_cfg: ml_collections.ConfigDict, *,
+                max_examples: int = 0, seed: int = 0, process_split: bool = False) -> np.ndarray:
+  """Loads a split of a named image source at the model's resolution.
+
+  Args:
+    name: a registered source (see :func:`available_sources`), 'tfds:NAME' or 'folder:PATH'.
+    split: 'train' or 'test'.
+    data_cfg: ``config.data`` (uses image_size, channels, data_dir, texture_crops,
+      synthetic_examples, resize_via: > 0 resizes every image to resize_via x resize_via
+      first, then to image_size).
+    max_examples: > 0: only the first ``max_examples`` images of the source's fixed order.
+    seed: seeds the random texture crops and synthetic controls (natural sources ignore it).
+    process_split: TFDS only: read this JAX process's shard (``tfds.split_for_jax_process``)
+      for multi-host input; other sources always return the full split.
+
+  Returns:
+    float32 ``[N, image_size, image_size, channels]`` in ``[-1, 1]``.
+
+  Raises:
+    DataError: unknown source or split, missing or corrupt data (the message says what to do).
+  """
+  splits.check_split(split)
+  size = int(data_cfg.image_size)
+  channels = int(data_cfg.channels)
+  if size <= 0:
+    raise DataError(f'config.data.image_size must be positive, got {size}.')
+  if channels not in (1, 3):
+    raise DataError(f'config.data.channels must be 1 (gray) or 3 (RGB), got {channels}.')
+  x = _source(name, process_split)(split, data_cfg, max_examples, seed)
+  if x.shape[0] == 0:
+    raise DataError(f'Source {name!r} split {split!r} produced no images.')
+  if x.shape[-1] > channels:
+    x = formats.to_channels(x, channels)  # cheaper before resizing
+  via = int(data_cfg.get('resize_via', 0))
+  if via:  # DiffPath's "correct resizing": no set keeps more detail than a via x via image
+    x = resize.resize_images(x, via)
+  x = resize.resize_images(x, size)
+  x = formats.to_channels(x, channels)
+  x = np.clip(x, -1.0, 1.0, out=x)
+  return np.ascontiguousarray(x, dtype=np.float32)

@@ -1,0 +1,164 @@
+"""Which detectors the suite fits, per ID set, and how their settings are chosen.
+
+Methods (rows of the results; ``config.eval.feature_kinds`` says which kinds exist):
+
+=========================  ====================================================================
+method                     detector
+=========================  ====================================================================
+'<kind>' (seed family)     the zero-shot default: `selection.select_zero_shot` over
+                           ``config.select`` (window x aggregation, the R draws averaged),
+                           judged on held-out ID-train images vs their synthetic anomalies
+'stein_ssim@published'     the paper as published: R = 1 (the first draw), whole grid, plain sum
+'stein_ssim@oracle'        ``config.select.oracle``: chosen on OOD *train* splits (R x window,
+                           plain sum), the OOD-exposed ablation; with its leave-one-out check
+'diffpath_6d' / '_1d'      the DiffPath baselines as their authors compute them
+=========================  ====================================================================
+
+Everything a zero-shot method uses comes from the ID set's train split: the first
+``eval.num_fit`` images fit the detectors, the next ``select.num_val`` are the held-out images
+of the selection (and the source of its synthetic anomalies).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Mapping
+
+from absl import logging
+import numpy as np
+
+from ddm_ood import detector
+from ddm_ood import metrics
+from ddm_ood import scorer
+from ddm_ood import selection
+
+SEED_KIND = 'stein_ssim'
+BASELINE_KINDS = ('diffpath_6d', 'diffpath_1d')
+PUBLISHED = '@published'
+ORACLE = '@oracle'
+VARIANT_NAMES = {'': 'zero-shot default', PUBLISHED: 'as published', ORACLE: 'oracle (OOD-train)'}
+
+
+def base_kind(method: str) -> str:
+  """'stein_ssim@oracle' -> 'stein_ssim'."""
+  return method.split('@')[0]
+
+
+def role(method: str) -> str:
+  """'method' (the seed method's variants), 'ablation' or 'baseline'."""
+  kind = base_kind(method)
+  if kind in BASELINE_KINDS:
+    return 'baseline'
+  return 'method' if kind == SEED_KIND else 'ablation'
+
+
+def methods(config) -> list[str]:
+  """The result rows' methods, in report order."""
+  kinds = list(config.eval.feature_kinds)
+  out = []
+  for kind in kinds:
+    out.append(kind)
+    if kind == SEED_KIND:
+      out.append(kind + PUBLISHED)
+      if config.select.oracle:
+        out.append(kind + ORACLE)
+  return out
+
+
+@dataclasses.dataclass
+class Fitted:
+  """One method's detector on one ID set and how it was chosen."""
+  detector: detector.FittedDetector
+  setting: dict | None          # selection.Setting.describe(); None for the baselines
+  selection: list | None = None  # the selection table (zero-shot)
+
+
+def grid_of(config, kind: str) -> np.ndarray:
+  return scorer.kind_timesteps(config.diffusion.num_timesteps, config.scorer, kind)
+
+
+def fit_id_set(config, kinds, fit, val, syn) -> dict[str, Fitted]:
+  """Every non-oracle method's detector for one ID set.
+
+  Args:
+    config: the run's config.
+    kinds: ``config.eval.feature_kinds``.
+    fit, val, syn: flat statistics dicts of the fit images, the held-out images and their
+      synthetic anomalies (``syn['corruption']`` the corruption index of each).
+  """
+  sel = config.select
+  out = {}
+  for kind in kinds:
+    if kind in BASELINE_KINDS:
+      det = detector.fit_detector(fit[f'features/{kind}'], config.detector, seed=config.seed)
+      out[kind] = Fitted(det, None)
+      continue
+    grid = grid_of(config, kind)
+    cands = selection.candidates([kind], len(grid), grid, sel.t_mins, sel.aggregations)
+    best, det, table = selection.select_zero_shot(
+        cands, fit, val, syn, syn['corruption'], tuple(sel.corruptions), len(grid),
+        config.detector, config.seed)
+    out[kind] = Fitted(det, best.describe(grid, config.scorer.num_draws), table)
+    logging.info('zero-shot selection [%s]: %s (criterion %.4f)', kind, best,
+                 max(r['criterion'] for r in table))
+    if kind == SEED_KIND:
+      pub = selection.Setting(kind, 'first', 0, 'sum')
+      out[kind + PUBLISHED] = Fitted(selection.fit(pub, fit, len(grid), config.detector,
+                                                   config.seed), pub.describe(grid, 1))
+  return out
+
+
+def method_scores(fitted: Fitted, method: str, feats: Mapping[str, np.ndarray]) -> np.ndarray:
+  """Anomaly scores [N] of a set under one method's detector."""
+  if fitted.setting is None:
+    return np.asarray(fitted.detector.score(feats[f'features/{base_kind(method)}']))
+  setting = selection.Setting.from_description(fitted.setting)
+  return np.asarray(fitted.detector.score_stats(
+      selection.stats_of(feats, setting.kind, setting.draws)))
+
+
+def oracle(config, id_names, fits: Mapping[str, Mapping], vals: Mapping[str, Mapping],
+           ood_train: Mapping[str, Mapping], ood_test: Callable[[str], Mapping],
+           id_tests: Mapping[str, Mapping]) -> tuple[dict, dict]:
+  """The OOD-train selection for the seed kind, and its leave-one-OOD-set-out check.
+
+  Returns:
+    ({id_name: Fitted} of the globally chosen setting, loo) where ``loo[ood_name]`` holds the
+    setting chosen without that OOD set and its test AUROC per ID set, next to the AUROC of the
+    setting chosen with it.
+  """
+  sel = config.select
+  grid = grid_of(config, SEED_KIND)
+  cands = selection.candidates([SEED_KIND], len(grid), grid, sel.t_mins, ('sum',),
+                               draws=('first', 'all'))
+  cache = {}
+
+  def fitted(id_name, s):
+    if (id_name, s) not in cache:
+      cache[(id_name, s)] = selection.fit(s, fits[id_name], len(grid), config.detector,
+                                          config.seed)
+    return cache[(id_name, s)]
+
+  best, table = selection.select_oracle(cands, id_names, fitted, vals, ood_train)
+  chosen = {i: Fitted(fitted(i, best), best.describe(grid, config.scorer.num_draws), table)
+            for i in id_names}
+
+  def test_auroc(s, id_name, ood_name):
+    det = fitted(id_name, s)
+    return float(metrics.auroc(selection.score(det, s, id_tests[id_name]),
+                               selection.score(det, s, ood_test(ood_name))))
+
+  loo = {}
+  for ood_name in ood_train:
+    best_wo, _ = selection.select_oracle(cands, id_names, fitted, vals, ood_train,
+                                         exclude=[ood_name])
+    loo[ood_name] = dict(
+        setting_without=best_wo.describe(grid, config.scorer.num_draws),
+        setting_with=best.describe(grid, config.scorer.num_draws),
+        auroc_without={i: test_auroc(best_wo, i, ood_name) for i in id_names if i != ood_name},
+        auroc_with={i: test_auroc(best, i, ood_name) for i in id_names if i != ood_name})
+  return chosen, loo
+
+
+__all__ = ['SEED_KIND', 'BASELINE_KINDS', 'PUBLISHED', 'ORACLE', 'VARIANT_NAMES', 'base_kind',
+           'role', 'methods', 'Fitted', 'fit_id_set', 'method_scores', 'oracle']

@@ -1,0 +1,155 @@
+"""`--mode=score`: a folder of images (one corrupt) -> one CSV row per file, on a tiny workdir."""
+
+import csv
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import train_helpers as h
+from ddm_ood import data
+from ddm_ood import score_files
+
+BAD = 'zz_broken.png'
+N_FILES = 7   # 2 Fashion-MNIST test images, 3 noise images, 1 RGB 20x20 image, 1 corrupt file
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+  """A tiny train + evaluate through the CLI (one kind, one OOD set: what score mode needs)."""
+  wd = str(tmp_path_factory.mktemp('run'))
+  proc = _main(f'--config={os.path.join(h.ROOT, "configs", "tiny.py")}', f'--workdir={wd}',
+               '--config.eval.feature_kinds=("stein_ssim",)',
+               '--config.eval.ood_datasets=("noise_gaussian",)')
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return wd
+
+
+@pytest.fixture(scope='module')
+def folder(run, tmp_path_factory):
+  """N_FILES image files (the corrupt one last in sorted order) and a copy of the good ones."""
+  from PIL import Image
+  from ddm_ood import workdir as workdir_lib
+  root = tmp_path_factory.mktemp('images')
+  good = root / 'good'
+  (root / 'mine').mkdir()
+  cfg = workdir_lib.load_config(run).data
+  fm = data.load_images('fashion_mnist', 'test', cfg, max_examples=2)
+  arrays = {f'fm_{i}.png': np.round((x[..., 0] + 1) * 127.5).astype(np.uint8)
+            for i, x in enumerate(fm)}
+  rng = np.random.default_rng(0)
+  for i in range(3):
+    arrays[f'noise_{i}.png'] = rng.integers(0, 256, (16, 16), dtype=np.uint8)
+  arrays['rgb.png'] = rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)
+  for name, a in arrays.items():
+    Image.fromarray(a).save(root / 'mine' / name)
+  shutil.copytree(root / 'mine', good)
+  (root / 'mine' / BAD).write_bytes(b'\x89PNG\r\n\x1a\n' + b'not really a png' * 8)
+  return str(root / 'mine'), str(good)
+
+
+def _main(*args):
+  cmd = [sys.executable, '-m', 'ddm_ood.main', *args]
+  return subprocess.run(cmd, cwd=h.ROOT, env=h.subprocess_env(), capture_output=True, text=True,
+                        timeout=600)
+
+
+def _read_csv(path):
+  with open(path, newline='') as f:
+    rows = list(csv.reader(f))
+  assert tuple(rows[0]) == score_files.CSV_COLUMNS
+  return rows[1:]
+
+
+def test_corrupt_file_is_an_error_naming_it_without_the_flag(run, folder, tmp_path):
+  out = tmp_path / 'scores.csv'
+  proc = _main('--mode=score', f'--workdir={run}', f'--images=folder:{folder[0]}', f'--out={out}')
+  assert proc.returncode == 1
+  err = proc.stderr.strip().splitlines()[-1]
+  assert err.startswith('ddm_ood: error: Cannot read image file')
+  assert os.path.join(folder[0], BAD) in err and '--skip_bad_files' in err
+  assert not out.exists() and os.listdir(tmp_path) == []
+
+
+def test_cli_skip_bad_files_writes_one_row_per_file(run, folder, tmp_path):
+  from ddm_ood import api
+  out = tmp_path / 'scores.csv'
+  proc = _main('--mode=score', f'--workdir={run}', f'--images=folder:{folder[0]}', f'--out={out}',
+               '--skip_bad_files')
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  rows = _read_csv(out)
+  assert len(rows) == N_FILES
+  assert [r[0] for r in rows] == sorted(r[0] for r in rows)
+  bad = os.path.join(folder[0], BAD)
+  assert rows[-1][:3] == [bad, '', ''] and re.fullmatch(r'skipped: \w+Error: .+', rows[-1][3])
+  assert f'skipped {bad}' in proc.stderr  # listed in the log
+  scored = [r for r in rows if r[3] == 'ok']
+  assert len(scored) == N_FILES - 1
+  # Equal to the embedded API on the same images, read by the folder source.
+  good_files = data.folder_files(folder[1], 'test')
+  ood = api.load_anomaly_scorer(run, id_dataset='fashion_mnist', kind='stein_ssim')
+  ref = ood(data.load_images(f'folder:{folder[1]}', 'test', ood.config.data))
+  ref = {os.path.basename(f): s for f, s in zip(good_files, ref)}
+  got = {os.path.basename(r[0]): float(r[1]) for r in scored}
+  assert set(got) == set(ref)
+  np.testing.assert_allclose([got[k] for k in sorted(got)], [ref[k] for k in sorted(got)],
+                             rtol=1e-5, atol=1e-5)
+  # The above-threshold column against a threshold recomputed from evaluate's ID-test scores.
+  saved = np.load(os.path.join(run, 'eval', 'scores.npz'))
+  id_scores = np.sort(saved['fashion_mnist|stein_ssim|id'])
+  t = id_scores[int(np.ceil(0.95 * id_scores.size)) - 1]
+  assert np.mean(id_scores <= t) >= 0.95 > np.mean(id_scores < t)
+  assert [r[2] for r in scored] == [str(float(r[1]) > t).lower() for r in scored]
+  assert {r[2] for r in scored} == {'true', 'false'}  # (noise above, Fashion-MNIST below)
+
+
+def test_batch_size_does_not_change_scores(run, folder, tmp_path):
+  args = score_files.check_args(run, f'folder:{folder[0]}', str(tmp_path / 'a.csv'),
+                                skip_bad_files=True)
+  assert (args.id_dataset, args.kind) == ('fashion_mnist', 'stein_ssim')  # the defaults
+  id_scores = np.load(os.path.join(run, 'eval', 'scores.npz'))['fashion_mnist|stein_ssim|id']
+  assert id_scores.size == 32  # config.eval.num_test: the 31st smallest keeps 31/32 >= 95%
+  assert args.threshold == np.sort(id_scores)[30]
+  a = score_files.score_folder(args, batch_size=4)   # 6 good files: the last batch padded
+  b = score_files.score_folder(args, batch_size=16)
+  assert len(a['scores']) == N_FILES - 1 and list(a['skipped']) == [os.path.join(folder[0], BAD)]
+  np.testing.assert_allclose([a['scores'][f] for f in sorted(a['scores'])],
+                             [b['scores'][f] for f in sorted(a['scores'])], rtol=1e-5, atol=1e-5)
+
+
+def test_above_threshold_column():
+  text = score_files.csv_text(['a', 'b', 'c', 'd'], {'a': 1.0, 'b': 2.0, 'd': 1.5},
+                              {'c': 'OSError: broken'}, threshold=1.5)
+  assert text.splitlines() == ['path,score,above_threshold,status', 'a,1,false,ok',
+                               'b,2,true,ok', 'c,,,skipped: OSError: broken', 'd,1.5,false,ok']
+
+
+def test_bad_flags_and_unevaluated_workdir(run, folder, tmp_path):
+  images, out = f'folder:{folder[1]}', str(tmp_path / 's.csv')
+  with pytest.raises(score_files.ScoreError, match='--images=folder:PATH'):
+    score_files.check_args(run, None, out)
+  with pytest.raises(score_files.ScoreError, match='folder:PATH'):
+    score_files.check_args(run, folder[1], out)
+  with pytest.raises(score_files.ScoreError, match='--out'):
+    score_files.check_args(run, images, None)
+  with pytest.raises(score_files.ScoreError, match='directory'):
+    score_files.check_args(run, images, str(tmp_path))
+  with pytest.raises(score_files.ScoreError, match='No images'):
+    score_files.check_args(run, f'folder:{tmp_path}', out)
+  with pytest.raises(score_files.ScoreError,
+                     match=r'--kind=diffpath_1d .*has: --id_dataset=fashion_mnist '
+                     r'--kind=stein_ssim\)'):
+    score_files.check_args(run, images, out, kind='diffpath_1d')
+  trained_only = str(tmp_path / 'trained_only')
+  shutil.copytree(run, trained_only, ignore=shutil.ignore_patterns('eval', '.lock'))
+  with pytest.raises(score_files.ScoreError, match='--mode=evaluate'):
+    score_files.check_args(trained_only, images, out)
+  proc = _main('--mode=score', f'--workdir={run}', f'--images={images}')
+  assert proc.returncode == 1 and 'needs --out' in proc.stderr
+  proc = _main('--mode=evaluate', f'--workdir={run}', f'--images={images}')
+  assert proc.returncode == 1 and '--images only apply to --mode=score' in proc.stderr
+  assert not os.path.exists(out)
