@@ -52,5 +52,5 @@ def get_config():
   config.eval.num_test = 32
   config.eval.num_examples_plot = 2
   config.select.num_val = 24
-  config.select.t_mins = (0, 50)
+  config.select.t_min_fractions = (0.0, 0.5)
   return config

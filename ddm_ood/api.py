@@ -270,7 +270,7 @@ def build_anomaly_map_fn(config: ml_collections.ConfigDict, apply_fn: Callable,
 
 
 def anomaly_map_fn(workdir: str, timestep_weights=None, kind: str = 'stein_ssim',
-                   output: str = 'map') -> Callable:
+                   output: str = 'map', id_dataset: str | None = None) -> Callable:
   """The workdir's per-pixel anomaly map: where in an image the evidence of ``kind`` lies.
 
   Example::
@@ -280,9 +280,10 @@ def anomaly_map_fn(workdir: str, timestep_weights=None, kind: str = 'stein_ssim'
 
   Args:
     workdir: a trained or converted workdir.
-    timestep_weights: per-timestep weights (see `build_anomaly_map_fn`); None = plain sum over
-      ``kind``'s timesteps. Pass the fitted detector's standardisation (``1 / std_k``) to map
-      exactly the statistic it scores.
+    timestep_weights: per-timestep weights (see `build_anomaly_map_fn`); None = those of the
+      zero-shot detector that evaluate mode fitted for ``kind`` on ``id_dataset``
+      (`features.timestep_weights`: ``1 / std_k`` on its chosen window, so the map splits exactly
+      the statistic it scores), or, without one, a plain sum over ``kind``'s timesteps.
     kind: a kind of `scorer.MAP_KINDS` (default: the seed method, 'stein_ssim').
     output: 'map', 'baseline' (no SSIM weight) or 'both'.
 
@@ -293,6 +294,13 @@ def anomaly_map_fn(workdir: str, timestep_weights=None, kind: str = 'stein_ssim'
   """
   workdir = os.path.abspath(workdir)
   config = workdir_lib.load_config(workdir)
+  if timestep_weights is None:
+    path = evaluate.detector_path(workdir, id_dataset or config.eval.id_datasets[0], kind)
+    if os.path.exists(path):
+      fitted = detector.load_detector(path)
+      if fitted.reducer is not None:
+        timestep_weights = features_lib.timestep_weights(fitted.reducer,
+                                                         int(config.scorer.num_steps))
   params, _ = checkpoint.restore_ema_params(workdir, config)
   model = unet.build_model(config)
   sched = schedule_lib.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)

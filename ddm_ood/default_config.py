@@ -109,7 +109,8 @@ def get_config() -> ml_collections.ConfigDict:
   # images vs synthetic anomalies made from them (ddm_ood/synthetic.py). docs/method.md.
   config.select = select = ml_collections.ConfigDict()
   select.num_val = 250             # Held-out ID-train images (after the fit images).
-  select.t_mins = (0, 100, 200, 300, 400, 500)   # Candidate windows t_k >= t_min (grid-snapped).
+  # Candidate windows t_k >= f * diffusion.num_timesteps (snapped to the grid).
+  select.t_min_fractions = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
   select.aggregations = ('zsum',)  # Candidates from 'sum' (as published), 'zsum', 'concat'.
   select.corruptions = ('patch_shuffle', 'cutpaste', 'blend', 'blur', 'noise', 'invert')
   select.oracle = False            # Also the OOD-train oracle + leave-one-out (OOD exposure).

@@ -73,6 +73,12 @@ class Fitted:
   selection: list | None = None  # the selection table (zero-shot)
 
 
+def t_mins(config) -> list[int]:
+  """Candidate window starts: ``config.select.t_min_fractions`` of T, as timesteps."""
+  t = int(config.diffusion.num_timesteps)
+  return [int(round(f * t)) for f in config.select.t_min_fractions]
+
+
 def grid_of(config, kind: str) -> np.ndarray:
   return scorer.kind_timesteps(config.diffusion.num_timesteps, config.scorer, kind)
 
@@ -94,7 +100,7 @@ def fit_id_set(config, kinds, fit, val, syn) -> dict[str, Fitted]:
       out[kind] = Fitted(det, None)
       continue
     grid = grid_of(config, kind)
-    cands = selection.candidates([kind], len(grid), grid, sel.t_mins, sel.aggregations)
+    cands = selection.candidates([kind], len(grid), grid, t_mins(config), sel.aggregations)
     best, det, table = selection.select_zero_shot(
         cands, fit, val, syn, syn['corruption'], tuple(sel.corruptions), len(grid),
         config.detector, config.seed)
@@ -129,7 +135,7 @@ def oracle(config, id_names, fits: Mapping[str, Mapping], vals: Mapping[str, Map
   """
   sel = config.select
   grid = grid_of(config, SEED_KIND)
-  cands = selection.candidates([SEED_KIND], len(grid), grid, sel.t_mins, ('sum',),
+  cands = selection.candidates([SEED_KIND], len(grid), grid, t_mins(config), ('sum',),
                                draws=('first', 'all'))
   cache = {}
 

@@ -265,6 +265,28 @@ def validate_config(config: ml_collections.ConfigDict, mode: str = 'all') -> Non
     if config.scorer.mode not in ('forward', 'ddim'):
       raise WorkdirError(f"Unknown config.scorer.mode {config.scorer.mode!r}; choose 'forward' "
                          "or 'ddim'.")
+    _check_select(config.select)
+
+
+def _check_select(sel) -> None:
+  """config.select: the zero-shot protocol's candidates."""
+  from ddm_ood import features, synthetic  # pylint: disable=g-import-not-at-top
+  bad = [a for a in sel.aggregations if a not in features.AGGREGATIONS]
+  if bad or not sel.aggregations:
+    raise WorkdirError(f'config.select.aggregations={tuple(sel.aggregations)} must be a non-empty '
+                       f'subset of {features.AGGREGATIONS}.')
+  if not sel.t_min_fractions or any(not 0 <= f < 1 for f in sel.t_min_fractions):
+    raise WorkdirError(f'config.select.t_min_fractions={tuple(sel.t_min_fractions)} must be '
+                       'fractions of T in [0, 1), e.g. (0.0, 0.1, 0.2).')
+  bad = [c for c in sel.corruptions if c not in synthetic.CORRUPTIONS]
+  if bad or not sel.corruptions:
+    raise WorkdirError(f'config.select.corruptions has unknown or no entries {bad}; choose from '
+                       f'{synthetic.CORRUPTIONS}.')
+  if int(sel.num_val) < 10:
+    raise WorkdirError(f'config.select.num_val={sel.num_val}: the zero-shot selection needs at '
+                       'least 10 held-out ID-train images per ID set.')
+  if int(sel.localisation_images) < 0:
+    raise WorkdirError('config.select.localisation_images must be >= 0 (0 = off).')
 
 
 # ------------------------------------------------------------------------------------ lock

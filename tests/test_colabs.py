@@ -6,6 +6,8 @@ import os
 import nbformat
 import pytest
 
+from tests import results_check
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -22,7 +24,8 @@ def test_quickstart_notebook_runs(tmp_path):
                     for o in c.get('outputs', []))
   assert '| **average** |' in outputs
   assert 'anomaly score' in outputs
-  assert os.path.exists(tmp_path / 'wd' / 'report.md')
+  # The run's metrics match its saved scores and the report's tables match results.json.
+  results_check.check_run_outputs(str(tmp_path / 'wd'))
   images = [o for c in nb.cells if c.cell_type == 'code' for o in c.get('outputs', [])
             if 'image/png' in o.get('data', {})]
   assert len(images) >= 5  # the report plots are shown

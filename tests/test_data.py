@@ -299,8 +299,14 @@ def test_folder_split_subfolders(tmp_path):
     for i in range(n):
       Image.new('RGB', (12 + i, 10), (i * 50, 0, 0)).save(tmp_path / split / f'{i}.png')
   cfg = make_cfg(8, 3)
-  check_images(data.load_images(f'folder:{tmp_path}', 'train', cfg), 3, 8, 3)
-  check_images(data.load_images(f'folder:{tmp_path}', 'test', cfg), 2, 8, 3)
+  for split, n in (('train', 3), ('test', 2)):
+    x = data.load_images(f'folder:{tmp_path}', split, cfg)
+    check_images(x, n, 8, 3)
+    # Each split holds its own folder's files: flat red (i * 50, 0, 0), resized to 8 x 8.
+    np.testing.assert_allclose(x[..., 1:], -1.0, atol=1e-6)
+    red = sorted(float(v) for v in x[:, 0, 0, 0])
+    np.testing.assert_allclose(red, [i * 50 / 127.5 - 1 for i in range(n)], atol=1e-5)
+    np.testing.assert_allclose(x[..., 0], x[:, :1, :1, 0] * np.ones((1, 8, 8)), atol=1e-5)
 
 
 def test_folder_errors(tmp_path):

@@ -77,12 +77,17 @@ def test_log_density_matches_sklearn(cov):
 
 
 def test_jit_and_pytree():
-  fitted = detector.fit_detector(_data(n=200), _cfg(n_components=(2,)))
+  cfg = _cfg(n_components=(2,))
+  fitted = detector.fit_detector(_data(n=200), cfg)
   assert len(jax.tree_util.tree_leaves(fitted.params)) == 5
   f = jax.jit(detector.anomaly_score)
   x = jnp.asarray(_data(n=50, seed=4), jnp.float32)
   out = f(fitted.params, x)
-  assert out.shape == (50,) and np.isfinite(np.asarray(out)).all()
+  # The jitted score is -log p of the GMM sklearn fits with the chosen covariance type.
+  want = -_sklearn_log_density(_data(n=200), np.asarray(x, np.float64), 2,
+                               fitted.info['covariance_type'], cfg)
+  assert out.shape == (50,)
+  np.testing.assert_allclose(np.asarray(out), want, rtol=0, atol=1e-5 * np.abs(want).max())
   # vmap-free batching consistency: scoring in two chunks equals scoring at once.
   np.testing.assert_allclose(np.r_[f(fitted.params, x[:20]), f(fitted.params, x[20:])],
                              np.asarray(out), rtol=1e-6)
@@ -122,7 +127,10 @@ def test_small_data_grid_clamped(caplog):
     fitted = detector.fit_detector(x, cfg)   # 3 folds -> training folds of 8
   assert fitted.info['n_components'] == 8
   assert any('clamped' in r.getMessage() for r in caplog.records)
-  assert np.isfinite(np.asarray(fitted.score(x))).all()
+  # The clamped GMM is sklearn's with 8 components, refitted on all 12 points.
+  want = -_sklearn_log_density(x, x, 8, fitted.info['covariance_type'], cfg)
+  np.testing.assert_allclose(np.asarray(fitted.score(x)), want, rtol=0,
+                             atol=1e-5 * np.abs(want).max())
   # Partly feasible grid: infeasible values are skipped, not clamped.
   fitted = detector.fit_detector(x, _cfg(n_components=(1, 2, 50), covariance_types=('diag',)))
   assert {c['n_components'] for c in fitted.info['cv_scores']} == {1, 2}

@@ -9,6 +9,8 @@ import jax
 import numpy as np
 import pytest
 
+from tests import results_check
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, 'configs', 'tiny.py')
 
@@ -28,10 +30,10 @@ def workdir(tmp_path_factory):
 
 
 def test_result_files(workdir):
-  ev = os.path.join(workdir, 'eval')
-  for f in ('results.json', 'results.csv', 'results.md', 'scores.npz'):
-    assert os.path.getsize(os.path.join(ev, f)) > 100, f
-  res = json.load(open(os.path.join(ev, 'results.json')))
+  # Every metric equals ddm_ood.metrics on the saved scores; the csv, results.md and the report's
+  # tables equal results.json cell by cell.
+  res, _ = results_check.check_run_outputs(workdir)
+  assert {(r['n_id'], r['n_ood']) for r in res['rows']} == {(32, 32)}   # eval.num_test
   kinds = set(r['kind'] for r in res['rows'])
   assert kinds == {'stein_ssim', 'stein_ssim@published', 'stein', 'diffpath_6d', 'diffpath_1d'}
   roles = {r['kind']: r['role'] for r in res['rows']}
@@ -42,14 +44,13 @@ def test_result_files(workdir):
   s = res['settings']['fashion_mnist']
   assert s['stein_ssim']['setting']['aggregation'] == 'zsum'
   assert s['stein_ssim']['setting']['t_min'] in (25, 50)
-  assert len(s['stein_ssim']['selection']) == 2   # t_mins (0, 50) snapped to the window 25..75
+  assert len(s['stein_ssim']['selection']) == 2   # t_min_fractions (0, 0.5): t >= 0, 50, snapped to the window 25..75
   assert s['stein_ssim@published']['setting'] == dict(
       kind='stein_ssim', draws='first', num_draws=1, t_min=25, k0=0, aggregation='sum')
   assert s['diffpath_6d']['setting'] is None
   pairs = set((r['id'], r['ood']) for r in res['rows'])
   assert pairs == {('fashion_mnist', 'mnist'), ('fashion_mnist', 'noise_gaussian')}
   for r in res['rows']:
-    assert 0.0 <= r['auroc'] <= 1.0 and 0.0 <= r['fpr95'] <= 1.0
     if '@' not in r['kind']:
       assert len(r['per_timestep_auroc']) == len(res['kind_timesteps'][r['kind']])
   # The run's t_min = 25 on the grid 0, 25, 50, 75 (T = 100, K = 4): the seed kinds use the
@@ -57,39 +58,122 @@ def test_result_files(workdir):
   assert res['timesteps'] == [0, 25, 50, 75]
   assert res['kind_timesteps']['stein_ssim'] == res['kind_timesteps']['stein'] == [25, 50, 75]
   assert res['kind_timesteps']['diffpath_6d'] == [0, 25, 50, 75]
-  # The table in the report equals results.json.
-  report = open(os.path.join(workdir, 'report.md')).read()
-  results_section = report.split('## Results')[1].split('## Averages')[0]
-  for r in res['rows']:
-    line = [l for l in results_section.splitlines()
-            if l.startswith(f"| {r['id']} | {r['ood']} |")]
-    assert len(line) == 1
-    assert f"{r['auroc']:.4f}" in line[0] and f"{r['fpr95']:.4f}" in line[0]
-  csv_lines = open(os.path.join(ev, 'results.csv')).read().splitlines()
-  assert len(csv_lines) == 1 + len(res['rows'])
 
 
-def test_plots_exist_and_are_nontrivial(workdir):
+def _png(path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  return np.asarray(Image.open(path).convert('RGB'))
+
+
+def test_plots_show_the_saved_results(workdir, tmp_path, monkeypatch):
+  """Each plot is linked from the report, has its figure's size, and draws the saved data."""
+  import re  # pylint: disable=g-import-not-at-top
+  import matplotlib.axes  # pylint: disable=g-import-not-at-top
+  from ddm_ood import metrics, report  # pylint: disable=g-import-not-at-top
   plots = os.path.join(workdir, 'plots')
-  expected = ['roc_fashion_mnist.png', 'hist_fashion_mnist.png', 'per_timestep_auroc.png',
-              'examples.png', 'samples.png', 'loss_curve.png']
-  from PIL import Image
-  for f in expected:
-    path = os.path.join(plots, f)
-    assert os.path.getsize(path) > 5000, f
-    img = np.asarray(Image.open(path).convert('L'), np.float32)
-    assert img.std() > 5, f'{f} looks blank'
-    assert f'plots/{f}' in open(os.path.join(workdir, 'report.md')).read()
+  # Pixel sizes (width, height) = figsize in inches x 90 dpi: two OOD panels of 3.6 x 3.2;
+  # one ID panel; 3 example sets (ID + 2 OOD) x 2 images, rows of 8 x 2.1; 6 x 6; 6 x 3.5.
+  sizes = {'roc_fashion_mnist.png': (648, 288), 'hist_fashion_mnist.png': (648, 288),
+           'per_timestep_auroc.png': (324, 288), 'examples.png': (720, 1134),
+           'samples.png': (540, 540), 'loss_curve.png': (540, 315)}
+  text = open(os.path.join(workdir, 'report.md')).read()
+  assert set(re.findall(r'\]\(plots/([^)]+)\)', text)) == set(os.listdir(plots)) == set(sizes)
+  for f, (w, h) in sizes.items():
+    assert _png(os.path.join(plots, f)).shape == (h, w, 3), f
+
+  # Re-render the plots from results.json, scores.npz, the sample grid and metrics.jsonl,
+  # recording what is drawn: the PNGs are those of the run, and the data are the saved ones.
+  drawn = []
+  for name in ('plot', 'hist', 'imshow'):
+    orig = getattr(matplotlib.axes.Axes, name)
+    def spy(ax, *args, _name=name, _orig=orig, **kw):
+      drawn.append((_name, ax, args, kw))
+      return _orig(ax, *args, **kw)
+    monkeypatch.setattr(matplotlib.axes.Axes, name, spy)
+  res, scores = results_check.load_outputs(workdir)
+  grid_png = os.path.join(workdir, 'samples', 'samples_00000004.png')
+  out = {
+      'roc_fashion_mnist.png': lambda p: report.plot_roc(res, scores, 'fashion_mnist', p),
+      'hist_fashion_mnist.png': lambda p: report.plot_histograms(res, scores, 'fashion_mnist',
+                                                                 'stein_ssim', p),
+      'per_timestep_auroc.png': lambda p: report.plot_per_timestep(res, 'stein_ssim', p),
+      'samples.png': lambda p: report.plot_samples(grid_png, p),
+      'loss_curve.png': lambda p: report.plot_loss(workdir, p)}
+  calls = {}
+  for f, render in out.items():
+    start = len(drawn)
+    render(str(tmp_path / f))
+    calls[f] = [(n, ax.get_title(), args, kw) for n, ax, args, kw in drawn[start:]]
+    np.testing.assert_array_equal(_png(tmp_path / f), _png(os.path.join(plots, f)), err_msg=f)
+
+  by = {(r['ood'], r['kind']): r for r in res['rows']}
+  kinds = list(dict.fromkeys(r['kind'] for r in res['rows']))
+  # ROC: one curve per method and OOD set, the ROC of the saved scores, whose trapezoid area is
+  # the row's AUROC (also in the legend), plus the chance diagonal.
+  roc = {(title, kw.get('label')): args for n, title, args, kw in calls['roc_fashion_mnist.png']}
+  want = {(f'fashion_mnist vs {o}', f"{k} ({by[(o, k)]['auroc']:.3f})") for o, k in by}
+  assert set(roc) == want | {(f'fashion_mnist vs {o}', None) for o in ('mnist', 'noise_gaussian')}
+  for o, k in by:
+    fpr, tpr = roc[(f'fashion_mnist vs {o}', f"{k} ({by[(o, k)]['auroc']:.3f})")]
+    want_fpr, want_tpr = metrics.roc_curve_points(scores[f'fashion_mnist|{k}|id'],
+                                                  scores[f'fashion_mnist|{k}|{o}'])
+    np.testing.assert_array_equal(fpr, want_fpr)
+    np.testing.assert_array_equal(tpr, want_tpr)
+    area = np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2)
+    assert abs(area - by[(o, k)]['auroc']) < 1e-12, (o, k)
+  # Histograms: the seed method's ID and OOD scores, clipped only at the pooled 0.5 / 99.5
+  # percentiles (at most the pooled minimum and maximum of 64 scores move).
+  hists = [(title, kw['label'], args[0]) for n, title, args, kw in calls['hist_fashion_mnist.png']]
+  assert [(t, l) for t, l, _ in hists] == [
+      (f'stein_ssim: fashion_mnist vs {o}', lab) for o in ('mnist', 'noise_gaussian')
+      for lab in ('ID fashion_mnist', f'OOD {o}')]
+  for title, label, x in hists:
+    ood = title.split(' vs ')[1]
+    s = scores[f"fashion_mnist|stein_ssim|{'id' if label.startswith('ID') else ood}"]
+    assert x.shape == s.shape and np.count_nonzero(x != s) <= 2, (title, label)
+  # Per-timestep AUROC: the rows' curves over the seed method's window.
+  lines = {kw['label']: args for n, title, args, kw in calls['per_timestep_auroc.png']
+           if n == 'plot'}
+  assert set(lines) == {'mnist', 'noise_gaussian'}
+  for o, (t, a) in lines.items():
+    assert list(t) == res['kind_timesteps']['stein_ssim'] == [25, 50, 75]
+    assert list(a) == by[(o, 'stein_ssim')]['per_timestep_auroc']
+  # Samples: the trainer's last grid, 4 samples of 16 x 16 in a 2 x 2 grid with 2 px padding.
+  (_, _, (img,), _), = calls['samples.png']
+  assert img.shape == (38, 38)
+  np.testing.assert_array_equal(img, _png(grid_png)[..., 0])
+  # Loss: every logged step's loss from metrics.jsonl.
+  (_, _, (steps, losses), _), = calls['loss_curve.png']
+  logged = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl')) if l.strip()]
+  logged = [r for r in logged if 'loss' in r]
+  assert list(steps) == [1, 2, 3, 4] == [r['step'] for r in logged]
+  assert list(losses) == [r['loss'] for r in logged]
 
 
 def test_features_are_cached(workdir):
   from ddm_ood import evaluate
   from ddm_ood import workdir as workdir_lib
+  import re  # pylint: disable=g-import-not-at-top
   cache = os.path.join(workdir, 'features')
   files = [os.path.join(d, f) for d, _, fs in os.walk(cache) for f in fs]
-  assert files
-  before = {f: os.path.getmtime(f) for f in files}
+  # One file per (dataset, split, count) the suite used, under the checkpoint's step: ID train
+  # (num_fit 64 + num_val 24), the synthetic anomalies of the 24 held-out images, and the test
+  # splits (num_test 32), each with the rows of every feature kind.
   config = workdir_lib.load_config(workdir)
+  found = {}
+  for f in files:
+    m = re.fullmatch(r'(\w+)__(train|test|synthetic[0-9a-f]{8})__n(\d+)__[0-9a-f]{12}\.npz',
+                     os.path.basename(f))
+    assert m and os.path.basename(os.path.dirname(f)) == 'step_00000004', f
+    split = 'synthetic' if m[2].startswith('synthetic') else m[2]
+    found[(m[1], split)] = int(m[3])
+    with np.load(f) as z:
+      for kind in config.eval.feature_kinds:
+        assert len(z[f'features/{kind}']) == int(m[3]), (f, kind)
+  assert len(found) == len(files) and found == {
+      ('fashion_mnist', 'train'): 88, ('fashion_mnist', 'synthetic'): 24,
+      ('fashion_mnist', 'test'): 32, ('mnist', 'test'): 32, ('noise_gaussian', 'test'): 32}
+  before = {f: os.path.getmtime(f) for f in files}
   res = evaluate.run_suite(config, workdir, make_report=False)
   assert {f: os.path.getmtime(f) for f in files} == before  # read back, not recomputed
   old = json.load(open(os.path.join(workdir, 'eval', 'results.json')))
@@ -192,7 +276,7 @@ def test_main_job_on_embedded_default_at_reduced_size(tmp_path):
                '--config.eval.num_test=24', '--config.eval.num_examples_plot=1',
                '--config.detector.n_components=(1,2)',
                '--config.detector.covariance_types=("diag",)', '--config.detector.cv_folds=2',
-               '--config.select.num_val=12', '--config.select.t_mins=(0,400)',
+               '--config.select.num_val=12', '--config.select.t_min_fractions=(0.0,0.4)',
                '--config.select.localisation_images=6']
   cmd = [sys.executable, '-m', 'ddm_ood.main', f'--config={config}', f'--workdir={tmp_path}',
          *overrides]
@@ -214,8 +298,15 @@ def test_main_job_on_embedded_default_at_reduced_size(tmp_path):
   report = open(tmp_path / 'report.md').read()
   for section in ('three ways', 'Leave-one-OOD-set-out', 'Localisation', 'Zero-shot selection'):
     assert section in report, section
-  assert os.path.exists(tmp_path / 'report.md')
-  assert len(os.listdir(tmp_path / 'plots')) >= 2 * len(ev.id_datasets) + 4
+  results_check.check_run_outputs(str(tmp_path))
+  import re  # pylint: disable=g-import-not-at-top
+  from ddm_ood import evaluate  # pylint: disable=g-import-not-at-top
+  # Every plot is linked from the report: ROC and histograms per ID set, and one of each other.
+  linked = set(re.findall(r'\]\(plots/([^)]+)\)', report))
+  assert linked == set(os.listdir(tmp_path / 'plots')) == {
+      f'{p}_{evaluate.safe_name(i)}.png' for i in ev.id_datasets for p in ('roc', 'hist')} | {
+          'per_timestep_auroc.png', 'examples.png', 'samples.png', 'loss_curve.png',
+          'localisation.png'}
 
 
 def test_validation_study_script(workdir):
@@ -229,9 +320,15 @@ def test_validation_study_script(workdir):
   out = json.loads(proc.stdout)
   # t_min = 100 is past the grid 0, 25, 50, 75 (T = 100, K = 4) and is skipped.
   assert set(out['settings']) == {f'R={r},t_min={t}' for r in (1, 2) for t in (0, 25, 50)}
-  assert out['best'] in out['settings'] and out['split'] == 'train only'
+  assert out['split'] == 'train only'
+  assert out['sizes'] == {'fashion_mnist': 36, 'mnist': 12, 'noise_gaussian': 12}
   for s in out['settings'].values():
     assert set(s['auroc']) == {'fashion_mnist vs mnist', 'fashion_mnist vs noise_gaussian'}
-    assert all(0.0 <= a <= 1.0 for a in s['auroc'].values())
+    # 12 ID vs 12 OOD validation images: an AUROC is a multiple of 1 / 288 (ties count 1/2),
+    # printed to 4 decimals; the mean is that of the printed values.
+    for a in s['auroc'].values():
+      assert abs(a - round(a * 288) / 288) <= 5e-5 + 1e-12, a
+    assert s['mean_auroc'] == round(float(np.mean(list(s['auroc'].values()))), 4)
     assert s['timesteps'] == [t for t in (0, 25, 50, 75) if t >= s['t_min']]
+  assert out['best'] == max(out['settings'], key=lambda k: out['settings'][k]['mean_auroc'])
   assert out['settings']['R=1,t_min=0']['auroc'] != out['settings']['R=2,t_min=0']['auroc']

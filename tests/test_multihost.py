@@ -28,6 +28,7 @@ from ddm_ood import checkpoint
 from ddm_ood import sharding
 from ddm_ood import train
 from ddm_ood import unet
+from tests import results_check
 import train_helpers as h
 
 _DETERMINISTIC_XLA = '--xla_cpu_multi_thread_eigen=false'
@@ -142,7 +143,8 @@ def test_two_processes_match_one_process(tmp_path):
   with open(os.path.join(single, 'eval', 'results.json')) as f:
     rows_s = json.load(f)['rows']
   assert len(rows_m) == 2 and rows_m == rows_s
-  assert os.path.exists(os.path.join(multi, 'report.md'))
+  # Process 0's results.csv, results.md and report.md tables hold those rows and the saved scores.
+  results_check.check_run_outputs(multi)
 
 
 def test_partial_distributed_flags_are_rejected():

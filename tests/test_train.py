@@ -170,9 +170,14 @@ def test_tfds_celeba_config_mock_data(tmp_path):
   tc.log_every, tc.checkpoint_every, tc.num_samples, tc.sample_steps = 1, 2, 2, 2
   with tfds.testing.mock_data(num_examples=16):
     result = train.train(config, str(tmp_path))
-  assert result['step'] == 2 and np.isfinite(result['loss'])
+  logged = workdir_lib.read_metrics(str(tmp_path))
+  assert [r['step'] for r in logged] == [1, 2]
+  assert result['step'] == 2 and result['loss'] == logged[-1]['loss']
   assert checkpoint.latest_step(str(tmp_path)) == 2
-  assert os.path.exists(tmp_path / 'samples' / 'samples_00000002.png')
+  # The final sample grid: 2 RGB samples of 32 x 32 side by side, 2-pixel padding.
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  grid = Image.open(tmp_path / 'samples' / 'samples_00000002.png')
+  assert grid.mode == 'RGB' and grid.size == (2 * 34 + 2, 34 + 2)
 
 
 def test_fashion_mnist_loss_decreases(tmp_path):

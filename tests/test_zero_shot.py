@@ -94,8 +94,29 @@ def test_synthetic_anomalies_are_deterministic_and_change_every_image():
   assert not np.array_equal(a, c)   # the random corruptions depend on the seed
   np.testing.assert_array_equal(which, np.arange(12) % len(synthetic.CORRUPTIONS))
   assert a.dtype == np.float32 and a.min() >= -1 and a.max() <= 1
+  # What each corruption did to image i (donor: image (i + 6) % 12).
   for i in range(12):
-    assert np.abs(a[i] - x[i]).max() > 1e-3, synthetic.CORRUPTIONS[which[i]]
+    c, donor = synthetic.CORRUPTIONS[which[i]], x[(i + 6) % 12]
+    assert np.abs(a[i] - x[i]).max() > 1e-3, c
+    if c == 'patch_shuffle':   # the same 16 patches of 4 x 4 pixels, in another layout
+      tiles = lambda im: sorted(im[r:r + 4, q:q + 4].tobytes() for r in range(0, 16, 4)
+                                for q in range(0, 16, 4))
+      assert tiles(a[i]) == tiles(x[i])
+    elif c == 'cutpaste':      # a rectangle, 30-60% of the side, cut from the donor
+      ys, xs = np.nonzero(np.any(a[i] != x[i], -1))
+      h, w = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+      assert 4 <= h <= 9 and 4 <= w <= 9, (h, w)
+      crop = a[i, ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+      assert any(np.array_equal(crop, donor[y:y + h, q:q + w])
+                 for y in range(17 - h) for q in range(17 - w))
+    elif c == 'blend':
+      np.testing.assert_allclose(a[i], np.clip(0.5 * (x[i] + donor), -1, 1), atol=1e-7)
+    elif c == 'blur':          # smoother: less total variation, same mean up to the border
+      tv = lambda im: np.abs(np.diff(im, axis=0)).sum() + np.abs(np.diff(im, axis=1)).sum()
+      assert tv(a[i]) < 0.5 * tv(x[i]) and abs(a[i].mean() - x[i].mean()) < 0.05
+    elif c == 'noise':         # std 0.2 where not clipped
+      free = np.abs(a[i]) < 1
+      assert abs((a[i] - x[i])[free].std() - 0.2) < 0.04 and abs((a[i] - x[i])[free].mean()) < 0.05
   inv = list(synthetic.CORRUPTIONS).index('invert')
   np.testing.assert_array_equal(a[inv], -x[inv])
   # Image i's anomaly does not depend on the other images (except its donor).
