@@ -26,7 +26,6 @@ import numpy as np
 
 from ddm_ood import checkpoint
 from ddm_ood import detector
-from ddm_ood import evaluate
 from ddm_ood import features as features_lib
 from ddm_ood import schedule as schedule_lib
 from ddm_ood import scorer
@@ -127,13 +126,13 @@ def load_anomaly_scorer(workdir: str, id_dataset: str | None = None,
   workdir = os.path.abspath(workdir)
   config = workdir_lib.load_config(workdir)
   id_dataset = id_dataset or config.eval.id_datasets[0]
-  path = evaluate.detector_path(workdir, id_dataset, kind)
+  path = workdir_lib.detector_path(workdir, id_dataset, kind)
   if not os.path.exists(path):
     raise FileNotFoundError(
         f'No fitted detector for ID set {id_dataset!r} and kind {kind!r} at {path}. Run '
         f'`python -m ddm_ood.main --mode=evaluate --workdir={workdir} --config=...` with that ID '
         'set in config.eval.id_datasets and that kind in config.eval.feature_kinds.')
-  fitted = detector.load_detector(path)
+  fitted = workdir_lib.load_detector(path)
   params, step = checkpoint.restore_ema_params(workdir, config)
   model = unet.build_model(config)
   sched = schedule_lib.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
@@ -142,7 +141,7 @@ def load_anomaly_scorer(workdir: str, id_dataset: str | None = None,
   return AnomalyScorer(config=config, kind=kind, id_dataset=id_dataset, step=step,
                        unet_params=params, detector_params=det_params,
                        apply_fn=lambda p, x, t: model.apply(p, x, t), schedule=sched,
-                       key=evaluate.scorer_key(config.seed),
+                       key=workdir_lib.scorer_key(config.seed),
                        draws=setting['draws'] if setting and fitted.reducer is not None else None,
                        scorer_kind=kind.split('@')[0])
 
@@ -203,7 +202,7 @@ def load_feature_fn(workdir: str, kinds=('stein_ssim',)) -> Callable:
   sched = schedule_lib.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
   score_fn = scorer.make_trajectory_scorer(model.apply, sched, config.scorer, tuple(kinds))
   return jax.tree_util.Partial(functools.partial(_features, score_fn), params,
-                               evaluate.scorer_key(config.seed))
+                               workdir_lib.scorer_key(config.seed))
 
 
 # ------------------------------------------------------------------------------ anomaly maps
@@ -222,7 +221,7 @@ def build_anomaly_map_fn(config: ml_collections.ConfigDict, apply_fn: Callable,
     apply_fn: eval-mode network ``(params, x_t, t) -> eps_theta``.
     schedule: the diffusion schedule the network was trained with.
     params: network parameters.
-    key: the scorer's noise key (`evaluate.scorer_key(config.seed)` gives the suite's noise).
+    key: the scorer's noise key (`workdir_lib.scorer_key(config.seed)` gives the suite's noise).
     timestep_weights: None (1 on each of ``kind``'s timesteps ``t_k >= t_min``: the map splits
       the plain-sum p = 2 statistic over pixels), or per-timestep weights [K_kind] on
       `scorer.kind_timesteps` or [K] on the whole grid: pass a fitted detector's per-timestep
@@ -295,9 +294,9 @@ def anomaly_map_fn(workdir: str, timestep_weights=None, kind: str = 'stein_ssim'
   workdir = os.path.abspath(workdir)
   config = workdir_lib.load_config(workdir)
   if timestep_weights is None:
-    path = evaluate.detector_path(workdir, id_dataset or config.eval.id_datasets[0], kind)
+    path = workdir_lib.detector_path(workdir, id_dataset or config.eval.id_datasets[0], kind)
     if os.path.exists(path):
-      fitted = detector.load_detector(path)
+      fitted = workdir_lib.load_detector(path)
       if fitted.reducer is not None:
         timestep_weights = features_lib.timestep_weights(fitted.reducer,
                                                          int(config.scorer.num_steps))
@@ -305,4 +304,4 @@ def anomaly_map_fn(workdir: str, timestep_weights=None, kind: str = 'stein_ssim'
   model = unet.build_model(config)
   sched = schedule_lib.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
   return build_anomaly_map_fn(config, lambda p, x, t: model.apply(p, x, t), sched, params,
-                              evaluate.scorer_key(config.seed), timestep_weights, kind, output)
+                              workdir_lib.scorer_key(config.seed), timestep_weights, kind, output)

@@ -12,10 +12,8 @@ KDE's space and the ``config.detector`` fields are described in docs/method.md.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
-import os
 import warnings
 from typing import Any, NamedTuple
 
@@ -24,8 +22,6 @@ import jax.numpy as jnp
 import numpy as np
 
 COVARIANCE_TYPES = ('full', 'tied', 'diag', 'spherical')
-_FORMAT_VERSION = 1
-_PARAM_FIELDS = ('mean', 'scale', 'log_weights', 'means', 'prec_chol')
 
 
 class DetectorParams(NamedTuple):
@@ -409,47 +405,3 @@ def fit_detector(features: np.ndarray, det_cfg, seed: int = 0) -> FittedDetector
   from threadpoolctl import threadpool_limits  # pylint: disable=g-import-not-at-top
   with threadpool_limits(limits=threads):
     return _fit_gmm(x, det_cfg, seed)
-
-
-# --------------------------------------------------------------------------------------------
-# Persistence
-# --------------------------------------------------------------------------------------------
-
-
-def save_detector(fitted: FittedDetector, path: str) -> None:
-  """Saves atomically (`workdir.atomic_savez`) to ONE ``.npz`` file: the five arrays plus the info
-  as a JSON string. The name is used as given; no '.npz' is appended.
-
-  Args:
-    fitted: FittedDetector.
-    path: destination file.
-  """
-  # Imported here: the scoring core must not import the shell at module load.
-  from ddm_ood import workdir  # pylint: disable=g-import-not-at-top
-  arrays = {name: np.asarray(getattr(fitted.params, name)) for name in _PARAM_FIELDS}
-  if fitted.reducer is not None:
-    arrays.update(reducer_mean=np.asarray(fitted.reducer.mean),
-                  reducer_weight=np.asarray(fitted.reducer.weight))
-  info_json = json.dumps(dict(fitted.info, format_version=_FORMAT_VERSION), sort_keys=True)
-  workdir.atomic_savez(os.fspath(path), info_json=np.array(info_json), **arrays)
-
-
-def load_detector(path: str) -> FittedDetector:
-  """Loads a detector written by :func:`save_detector` (no pickle).
-
-  Args:
-    path: file written by save_detector.
-
-  Returns:
-    FittedDetector with float64 numpy params and the saved info dict.
-  """
-  with np.load(os.fspath(path), allow_pickle=False) as data:
-    params = DetectorParams(**{name: np.array(data[name]) for name in _PARAM_FIELDS})
-    info = json.loads(str(data['info_json']))
-    reducer = None
-    if 'reducer_mean' in data:
-      from ddm_ood import features as features_lib  # pylint: disable=g-import-not-at-top
-      reducer = features_lib.Reducer(np.array(data['reducer_mean']),
-                                     np.array(data['reducer_weight']))
-  info.pop('format_version', None)
-  return FittedDetector(params, info, reducer)

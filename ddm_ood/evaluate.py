@@ -29,8 +29,7 @@ import numpy as np
 from ddm_ood import checkpoint
 from ddm_ood import data
 from ddm_ood import detector
-from ddm_ood import features as features_lib
-from ddm_ood import localisation
+from ddm_ood import map_study
 from ddm_ood import memory
 from ddm_ood import metrics
 from ddm_ood import protocol
@@ -41,15 +40,11 @@ from ddm_ood import synthetic
 from ddm_ood import tables
 from ddm_ood import unet
 from ddm_ood import workdir as workdir_lib
+from ddm_ood.workdir import detector_path, safe_name, scorer_key  # noqa: F401  (public here too)
 
 METRIC_NAMES = ('auroc', 'fpr95', 'aupr_in', 'aupr_out')
 # Held-out ID-train images the zero-shot selection needs at the least (per ID set).
 MIN_SELECTION_IMAGES = 10
-
-
-def scorer_key(seed: int) -> jax.Array:
-  """The base key of the trajectory noise; per-image noise is folded in from image ids."""
-  return workdir_lib.purpose_key(seed, workdir_lib.Purpose.SCORER)
 
 
 @dataclasses.dataclass
@@ -192,9 +187,10 @@ class FeatureExtractor:
       flat = _flatten(out)
       chunks.append({k: sharding.to_host(v)[mask] for k, v in flat.items()})
       done = min(start + bs, n)
-      if done == n or (start // bs) % 10 == 9:
+      if done == n or (start // bs) % 4 == 3:
         dt = time.time() - t0
-        logging.info('features %s: %d/%d images, %.1f images/s', label, done, n, done / dt)
+        logging.info('features %s: %d/%d images, %.1f images/s, ETA %.0f s', label, done, n,
+                     done / dt, (n - done) * dt / done)
     return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
 
 
@@ -268,23 +264,27 @@ def _run_suite(config, workdir, print_table, make_report):
   rows, scores, detectors_info, settings = [], {}, {}, {}
   method_names = protocol.methods(config)
   fits, vals, id_tests, fitted_all = {}, {}, {}, {}
-  num_val = int(config.select.num_val)
+  # Only the seed family selects settings; a baselines-only suite fits on every train image.
+  selecting = protocol.needs_selection(ev.feature_kinds)
+  num_val = int(config.select.num_val) if selecting else 0
+  held_out = MIN_SELECTION_IMAGES if selecting else 0
   for id_name in ev.id_datasets:
     train = extractor.features(id_name, 'train', ev.num_fit + num_val if ev.num_fit else 0)
     n_train = len(train[f'features/{ev.feature_kinds[0]}'])
-    n_fit = min(ev.num_fit or n_train, n_train - MIN_SELECTION_IMAGES)
+    n_fit = min(ev.num_fit or n_train, n_train - held_out)
     if n_fit < MIN_SELECTION_IMAGES:
       raise ValueError(
-          f'ID set {id_name!r} has {n_train} training images: too few to fit detectors and '
-          f'hold out {MIN_SELECTION_IMAGES}+ for the zero-shot selection; use a larger ID set.')
+          f'ID set {id_name!r} has {n_train} training images: too few to fit detectors'
+          + (f' and hold out {held_out}+ for the zero-shot selection' if selecting else '')
+          + '; use a larger ID set.')
     fits[id_name] = _take(train, slice(0, n_fit))
     vals[id_name] = _take(train, slice(n_fit, None))
-    syn = extractor.synthetic_features(id_name, n_fit, n_train - n_fit)
+    syn = extractor.synthetic_features(id_name, n_fit, n_train - n_fit) if selecting else None
     id_tests[id_name] = extractor.features(id_name, 'test', ev.num_test)
     fitted_all[id_name] = protocol.fit_id_set(config, ev.feature_kinds, fits[id_name],
                                               vals[id_name], syn)
   loo = None
-  if config.select.oracle:
+  if config.select.oracle and protocol.SEED_KIND in ev.feature_kinds:
     ood_train = {o: extractor.features(o, 'train', num_val) for o in ev.ood_datasets}
     chosen, loo = protocol.oracle(config, list(ev.id_datasets), fits, vals, ood_train,
                                   lambda o: extractor.features(o, 'test', ev.num_test),
@@ -296,7 +296,7 @@ def _run_suite(config, workdir, print_table, make_report):
   if int(config.select.localisation_images) > 0 and protocol.SEED_KIND in ev.feature_kinds:
     id_name = ev.id_datasets[0]
     no_ssim = fitted_all[id_name].get('stein')
-    localisation_result = localisation_study(
+    localisation_result = map_study.localisation_study(
         config, extractor, id_name, fitted_all[id_name][protocol.SEED_KIND].detector.reducer,
         no_ssim.detector.reducer if no_ssim else None)
 
@@ -306,7 +306,7 @@ def _run_suite(config, workdir, print_table, make_report):
     for method in method_names:
       f = fitted_all[id_name][method]
       info = dict(f.detector.info, setting=f.setting)
-      detector.save_detector(dataclasses.replace(f.detector, info=info),
+      workdir_lib.save_detector(dataclasses.replace(f.detector, info=info),
                              detector_path(workdir, id_name, method))
       detectors_info[id_name][method] = f.detector.info
       settings[id_name][method] = dict(setting=f.setting, selection=f.selection)
@@ -344,73 +344,37 @@ def _run_suite(config, workdir, print_table, make_report):
       leave_one_out=loo, localisation=localisation_result, detectors=detectors_info, config=json.loads(config.to_json_best_effort()))
   if jax.process_index() == 0:
     _write_results(results, scores, out_dir)
+  _write_tensorboard(results, workdir)
   table = tables.results_table(results)
   if print_table:
     print(table, flush=True)
   if make_report and jax.process_index() == 0:
     from ddm_ood import report  # matplotlib is only needed here
-    report.write_report(config, workdir, results, scores, extractor)
+    report.write_report(config, workdir, results, scores,
+                        map_study.example_maps_fn(config, extractor, fitted_all[ev.id_datasets[0]]))
   return results
-
-
-def localisation_study(config, extractor: FeatureExtractor, id_name: str, reducer,
-                       baseline_reducer=None) -> dict:
-  """Pixel AUROC of finding OOD patches pasted into ID-test images, anomaly map vs baseline map.
-
-  The patches come from the test split of 'textures' (else the first other OOD set). The map is
-  the seed method's SSIM-weighted Stein error with its zero-shot detector's per-timestep weights
-  (`features.timestep_weights`); the baseline is the squared Stein error without SSIM, weighted
-  by the 'stein' kind's own zero-shot detector when there is one (each map standardised by its
-  own ID statistics), else by the same weights.
-  """
-  ev, n = config.eval, int(config.select.localisation_images)
-  others = [o for o in ev.ood_datasets if o != id_name]
-  donor = 'textures' if 'textures' in others else others[0]
-  images = extractor.images(id_name, 'test', n)
-  pasted, masks = localisation.paste_patches(
-      images, extractor.images(donor, 'test', len(images)), config.seed)
-  k = int(config.scorer.num_steps)
-  weights = features_lib.timestep_weights(reducer, k)
-  base_weights = (weights if baseline_reducer is None else
-                  features_lib.timestep_weights(baseline_reducer, k))
-
-  def maps_of(kind, w):
-    map_fn = jax.jit(scorer.make_anomaly_map_fn(lambda p, x, t: extractor.model.apply(p, x, t),
-                                                extractor.schedule, config.scorer, kind))
-    ids, bs, outs = np.asarray(_content_ids(pasted)), 50, []
-    for i in range(0, len(pasted), bs):
-      x, mask = sharding.pad_to_multiple(pasted[i:i + bs], bs)
-      d, _ = sharding.pad_to_multiple(ids[i:i + bs], bs)
-      out = map_fn(extractor.params, jnp.asarray(x), jnp.asarray(d), extractor.key,
-                   jnp.asarray(w))
-      outs.append({name: np.asarray(v)[mask] for name, v in out.items()})
-    return {name: np.concatenate([o[name] for o in outs]) for name in outs[0]}
-
-  maps = maps_of(protocol.SEED_KIND, weights)
-  if baseline_reducer is not None:   # 'stein' maps are e_k^2: its 'map' is the baseline
-    maps['baseline'] = maps_of('stein', base_weights)['map']
-  aurocs = localisation.localisation_auroc(maps, masks)
-  logging.info('localisation (%s + %s patches): map %.4f, baseline %.4f', id_name, donor,
-               aurocs['map'], aurocs['baseline'])
-  return dict(id=id_name, donor=donor, num_images=len(images), auroc_map=aurocs['map'],
-              auroc_baseline=aurocs['baseline'], timestep_weights=weights.tolist(),
-              baseline_timestep_weights=base_weights.tolist(),
-              examples=dict(images=pasted[:4].tolist(), masks=masks[:4].astype(int).tolist(),
-                            map=maps['map'][:4].tolist(), baseline=maps['baseline'][:4].tolist()))
 
 
 def _take(feats: dict[str, np.ndarray], rows: slice) -> dict[str, np.ndarray]:
   return {k: v[rows] for k, v in feats.items()}
 
 
-def safe_name(name: str) -> str:
-  """A dataset name as a file-name component ('folder:/a/b' -> 'folder__a_b')."""
-  return ''.join(ch if ch.isalnum() or ch in '-_.' else '_' for ch in name)
-
-
-def detector_path(workdir: str, id_name: str, kind: str) -> str:
-  """Where the evaluate mode saves the detector fitted on ``id_name`` features of ``kind``."""
-  return os.path.join(workdir, 'eval', 'detectors', f'{safe_name(id_name)}__{kind}.npz')
+def _write_tensorboard(results: dict, workdir: str) -> None:
+  """AUROC / FPR95 per pair and method, and the averages, as TensorBoard scalars in the workdir
+  (`clu.metric_writers`, as the training metrics), at the checkpoint's step."""
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top  # imports TensorFlow
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0,
+                                                collection='eval')
+  scalars = {}
+  for r in results['rows']:
+    for m in ('auroc', 'fpr95'):
+      scalars[f"eval/{m}/{r['id']}/{r['ood']}/{r['kind']}"] = r[m]
+  for kind, avg in results['averages'].items():
+    for m in ('auroc', 'fpr95'):
+      scalars[f'eval/average_{m}/{kind}'] = avg[m]
+  writer.write_scalars(int(results['checkpoint_step']), scalars)
+  writer.flush()
+  writer.close()
 
 
 def _write_results(results: dict, scores: dict, out_dir: str) -> None:

@@ -73,6 +73,11 @@ class Fitted:
   selection: list | None = None  # the selection table (zero-shot)
 
 
+def needs_selection(kinds) -> bool:
+  """Whether any kind picks its setting by the zero-shot selection (the baselines do not)."""
+  return any(kind not in BASELINE_KINDS for kind in kinds)
+
+
 def t_mins(config) -> list[int]:
   """Candidate window starts: ``config.select.t_min_fractions`` of T, as timesteps."""
   t = int(config.diffusion.num_timesteps)
@@ -90,7 +95,8 @@ def fit_id_set(config, kinds, fit, val, syn) -> dict[str, Fitted]:
     config: the run's config.
     kinds: ``config.eval.feature_kinds``.
     fit, val, syn: flat statistics dicts of the fit images, the held-out images and their
-      synthetic anomalies (``syn['corruption']`` the corruption index of each).
+      synthetic anomalies (``syn['corruption']`` the corruption index of each); ``val`` and
+      ``syn`` are unused (may be empty / None) when `needs_selection` is False.
   """
   sel = config.select
   out = {}

@@ -7,7 +7,6 @@ example inputs with their SSIM and weighted error maps, the EMA sample grid, the
 from __future__ import annotations
 
 import glob
-import json
 import os
 import time
 
@@ -19,7 +18,6 @@ import numpy as np
 from ddm_ood import data
 from ddm_ood import metrics
 from ddm_ood import protocol
-from ddm_ood import scorer
 from ddm_ood import tables
 from ddm_ood import workdir as workdir_lib
 
@@ -94,20 +92,24 @@ def plot_per_timestep(results, kind: str, path: str) -> str:
   return _save(fig, path)
 
 
-def plot_examples(config, extractor, datasets, path: str, num: int) -> str:
-  """Example inputs with x0hat, the SSIM map and the weighted Stein error at a middle timestep."""
+def plot_examples(config, example_maps, datasets, path: str, num: int) -> str:
+  """Example inputs with x0hat, the SSIM map and the weighted Stein error at a middle timestep,
+  and the anomaly map (heat map of where the detector's evidence lies).
+
+  ``example_maps(images, ids)`` returns `scorer.trajectory_maps`' dict plus 'anomaly_map'
+  [B, H, W] (the evaluate mode passes it in; the report runs no network itself).
+  """
   rows, t_mid = [], None
   for name in datasets:
     images = data.load_images(name, 'test', config.data, max_examples=num, seed=config.seed)
-    maps = scorer.trajectory_maps(extractor.model.apply, extractor.schedule, config.scorer,
-                                  extractor.params, images, np.arange(len(images), dtype=np.int32),
-                                  extractor.key)
+    maps = example_maps(images, np.arange(len(images), dtype=np.int32))
     k = len(maps['timesteps']) // 2   # a middle timestep of the seed method's window
     t_mid = int(maps['timesteps'][k])
     for j in range(len(images)):
-      rows.append((name, images[j], {m: np.asarray(maps[m][j, k]) for m in
-                                     ('x0hat', 'ssim', 'weighted_error')}))
-  fig, axes = plt.subplots(len(rows), 4, figsize=(8, 2.1 * len(rows)), squeeze=False)
+      m = {key: np.asarray(maps[key][j, k]) for key in ('x0hat', 'ssim', 'weighted_error')}
+      m['anomaly_map'] = np.asarray(maps['anomaly_map'][j])
+      rows.append((name, images[j], m))
+  fig, axes = plt.subplots(len(rows), 5, figsize=(10, 2.1 * len(rows)), squeeze=False)
   for (name, img, m), ax in zip(rows, axes):
     def show(a, x, title, rgb=False, **kw):
       # Images keep their colours; per-pixel maps are averaged over channels.
@@ -119,6 +121,7 @@ def plot_examples(config, extractor, datasets, path: str, num: int) -> str:
          vmin=0, vmax=1)
     show(ax[2], m['ssim'], f'SSIM map, t={t_mid}', cmap='viridis', vmin=-1, vmax=1)
     show(ax[3], np.abs(m['weighted_error']), f'|weighted error|, t={t_mid}', cmap='magma')
+    show(ax[4], m['anomaly_map'][..., None], 'anomaly map (all t)', cmap='magma')
   return _save(fig, path)
 
 
@@ -135,11 +138,7 @@ def plot_samples(grid_png: str, path: str) -> str:
 
 def plot_loss(workdir: str, path: str) -> str | None:
   """Training loss curve from ``workdir/metrics.jsonl`` (None when there is none)."""
-  f = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(f):
-    return None
-  recs = [json.loads(line) for line in open(f) if line.strip()]
-  recs = [r for r in recs if 'loss' in r]
+  recs = [r for r in workdir_lib.read_metrics(workdir) if 'loss' in r]
   if not recs:
     return None
   fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -183,9 +182,11 @@ def plot_localisation(loc: dict, path: str) -> str:
   return _save(fig, path)
 
 
-def write_report(config, workdir: str, results: dict, scores: dict, extractor) -> str:
-  """Writes ``workdir/report.md`` and its plots; returns the report path."""
-  from ddm_ood import evaluate  # the table format lives with the results
+def write_report(config, workdir: str, results: dict, scores: dict, example_maps) -> str:
+  """Writes ``workdir/report.md`` and its plots; returns the report path.
+
+  ``example_maps(images, ids) -> dict`` gives the per-example maps of `plot_examples`.
+  """
   plots = os.path.join(workdir, 'plots')
   os.makedirs(plots, exist_ok=True)
   ids = list(dict.fromkeys(r['id'] for r in results['rows']))
@@ -193,7 +194,7 @@ def write_report(config, workdir: str, results: dict, scores: dict, extractor) -
   main_kind = SEED_METHOD if SEED_METHOD in kinds else kinds[0]
   figs = []
   for id_name in ids:
-    safe = evaluate.safe_name(id_name)
+    safe = workdir_lib.safe_name(id_name)
     figs.append((f'ROC curves, ID {id_name}', plot_roc(results, scores, id_name,
                                                         os.path.join(plots, f'roc_{safe}.png'))))
     figs.append((f'Anomaly-score histograms ({main_kind}), ID {id_name}',
@@ -205,7 +206,7 @@ def write_report(config, workdir: str, results: dict, scores: dict, extractor) -
   example_sets = list(dict.fromkeys(list(config.eval.id_datasets[:1]) +
                                     list(config.eval.ood_datasets)))[:4]
   figs.append(('Example inputs, denoised estimates, SSIM maps and weighted Stein errors',
-               plot_examples(config, extractor, example_sets, os.path.join(plots, 'examples.png'),
+               plot_examples(config, example_maps, example_sets, os.path.join(plots, 'examples.png'),
                              config.eval.num_examples_plot)))
   samples = sorted(glob.glob(os.path.join(workdir, 'samples', '*.png')))
   if samples:

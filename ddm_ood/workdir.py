@@ -98,6 +98,53 @@ def atomic_savez(path: str, **arrays) -> None:
   atomic_write(path, buf.getvalue())
 
 
+def scorer_key(seed: int):
+  """The base key of the scorer's trajectory noise (per-image noise is folded in from ids)."""
+  return purpose_key(seed, Purpose.SCORER)
+
+
+def safe_name(name: str) -> str:
+  """A dataset name as a file-name component ('folder:/a/b' -> 'folder__a_b')."""
+  return ''.join(ch if ch.isalnum() or ch in '-_.' else '_' for ch in name)
+
+
+def detector_path(workdir: str, id_name: str, kind: str) -> str:
+  """Where the evaluate mode saves the detector fitted on ``id_name`` for method ``kind``."""
+  return os.path.join(workdir, 'eval', 'detectors', f'{safe_name(id_name)}__{kind}.npz')
+
+
+DETECTOR_FORMAT_VERSION = 1
+
+
+def save_detector(fitted, path: str) -> None:
+  """Saves a `detector.FittedDetector` atomically to ONE ``.npz`` file (no pickle): its arrays,
+  the aggregation (`features.Reducer`) if any, and the info as a JSON string. The name is used
+  as given; no '.npz' is appended."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  arrays = {name: np.asarray(getattr(fitted.params, name)) for name in fitted.params._fields}
+  if fitted.reducer is not None:
+    arrays.update(reducer_mean=np.asarray(fitted.reducer.mean),
+                  reducer_weight=np.asarray(fitted.reducer.weight))
+  info_json = json.dumps(dict(fitted.info, format_version=DETECTOR_FORMAT_VERSION),
+                         sort_keys=True)
+  atomic_savez(os.fspath(path), info_json=np.array(info_json), **arrays)
+
+
+def load_detector(path: str):
+  """Loads a detector written by `save_detector`: a `detector.FittedDetector` (float64 params)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from ddm_ood import detector, features  # pylint: disable=g-import-not-at-top
+  with np.load(os.fspath(path), allow_pickle=False) as data:
+    params = detector.DetectorParams(
+        **{name: np.array(data[name]) for name in detector.DetectorParams._fields})
+    info = json.loads(str(data['info_json']))
+    reducer = None
+    if 'reducer_mean' in data:
+      reducer = features.Reducer(np.array(data['reducer_mean']), np.array(data['reducer_weight']))
+  info.pop('format_version', None)
+  return detector.FittedDetector(params, info, reducer)
+
+
 def metrics_path(workdir: str) -> str:
   return os.path.join(workdir, METRICS_FILE)
 
@@ -341,7 +388,7 @@ def lock(workdir: str) -> Iterator[None]:
     f.close()  # closing the descriptor releases the flock
 
 
-__all__ = ['CONFIG_FILE', 'METRICS_FILE', 'Purpose', 'purpose_key', 'atomic_write',
+__all__ = ['save_detector', 'load_detector', 'scorer_key', 'safe_name', 'detector_path', 'CONFIG_FILE', 'METRICS_FILE', 'Purpose', 'purpose_key', 'atomic_write',
            'atomic_write_json', 'atomic_savez', 'metrics_path', 'read_metrics', 'save_config',
            'load_config', 'WorkdirError', 'SourceError', 'MODEL_FIELDS', 'model_fields',
            'check_workdir_path', 'saved_config',

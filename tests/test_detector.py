@@ -17,6 +17,7 @@ from sklearn.preprocessing import StandardScaler
 
 from configs import default
 from ddm_ood import detector
+from ddm_ood import workdir
 from ddm_ood import metrics
 
 
@@ -150,9 +151,9 @@ def test_nan_features_raise():
 def test_save_load_round_trip(tmp_path):
   fitted = detector.fit_detector(_data(n=200), _cfg())
   path = tmp_path / 'sub' / 'det.npz'
-  detector.save_detector(fitted, str(path))
+  workdir.save_detector(fitted, str(path))
   assert sorted(p.name for p in path.parent.iterdir()) == ['det.npz']   # no temp file left
-  loaded = detector.load_detector(str(path))
+  loaded = workdir.load_detector(str(path))
   assert loaded.info == fitted.info
   for a, b in zip(loaded.params, fitted.params):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -160,8 +161,8 @@ def test_save_load_round_trip(tmp_path):
   np.testing.assert_array_equal(np.asarray(loaded.score(x)), np.asarray(fitted.score(x)))
   # KDE round trip, path without .npz suffix kept as given.
   kde = detector.fit_detector(_data(n=40)[:, :1], _cfg())
-  detector.save_detector(kde, str(tmp_path / 'kde'))
-  assert detector.load_detector(str(tmp_path / 'kde')).info['kind'] == 'kde'
+  workdir.save_detector(kde, str(tmp_path / 'kde'))
+  assert workdir.load_detector(str(tmp_path / 'kde')).info['kind'] == 'kde'
 
 
 def test_deterministic():

@@ -72,9 +72,10 @@ def test_plots_show_the_saved_results(workdir, tmp_path, monkeypatch):
   from ddm_ood import metrics, report  # pylint: disable=g-import-not-at-top
   plots = os.path.join(workdir, 'plots')
   # Pixel sizes (width, height) = figsize in inches x 90 dpi: two OOD panels of 3.6 x 3.2;
-  # one ID panel; 3 example sets (ID + 2 OOD) x 2 images, rows of 8 x 2.1; 6 x 6; 6 x 3.5.
+  # one ID panel; 3 example sets (ID + 2 OOD) x 2 images, rows of 10 x 2.1 (5 columns: image,
+  # denoised, error, weighted error, anomaly map); 6 x 6; 6 x 3.5.
   sizes = {'roc_fashion_mnist.png': (648, 288), 'hist_fashion_mnist.png': (648, 288),
-           'per_timestep_auroc.png': (324, 288), 'examples.png': (720, 1134),
+           'per_timestep_auroc.png': (324, 288), 'examples.png': (900, 1134),
            'samples.png': (540, 540), 'loss_curve.png': (540, 315)}
   text = open(os.path.join(workdir, 'report.md')).read()
   assert set(re.findall(r'\]\(plots/([^)]+)\)', text)) == set(os.listdir(plots)) == set(sizes)
@@ -178,6 +179,29 @@ def test_features_are_cached(workdir):
   assert {f: os.path.getmtime(f) for f in files} == before  # read back, not recomputed
   old = json.load(open(os.path.join(workdir, 'eval', 'results.json')))
   assert [r['auroc'] for r in res['rows']] == [r['auroc'] for r in old['rows']]
+
+
+def test_evaluation_writes_tensorboard_scalars(workdir):
+  """Evaluate mode writes its AUROCs as TensorBoard scalars (clu) next to training's."""
+  import glob
+  from tensorboard.backend.event_processing import event_accumulator
+  res = json.load(open(os.path.join(workdir, 'eval', 'results.json')))
+  files = glob.glob(os.path.join(workdir, 'eval', 'events.out.tfevents.*'))
+  assert files, os.listdir(os.path.join(workdir, 'eval'))
+  assert glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))   # training's
+  acc = event_accumulator.EventAccumulator(os.path.dirname(files[0]))
+  acc.Reload()
+  tags = acc.Tags().get('tensors', []) + acc.Tags().get('scalars', [])
+  def value(tag):
+    if tag in acc.Tags().get('scalars', []):
+      return acc.Scalars(tag)[-1].value
+    return float(np.asarray(__import__('tensorflow').make_ndarray(acc.Tensors(tag)[-1].tensor_proto)))
+  for kind, avg in res['averages'].items():
+    tag = f'eval/average_auroc/{kind}'
+    assert tag in tags, (tag, tags[:5])
+    assert abs(value(tag) - avg['auroc']) < 1e-6
+  r = res['rows'][0]
+  assert abs(value(f"eval/fpr95/{r['id']}/{r['ood']}/{r['kind']}") - r['fpr95']) < 1e-6
 
 
 def test_zero_shot_choice_never_depends_on_the_ood_sets(workdir, tmp_path):

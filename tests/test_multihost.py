@@ -133,16 +133,18 @@ def test_two_processes_match_one_process(tmp_path):
   # statistics), the detectors and the scores are identical; so are the result rows.
   feats_m = _npz_files(multi, 'features/step_00000004/*.npz')
   feats_s = _npz_files(single, 'features/step_00000004/*.npz')
-  assert sorted(feats_m) == sorted(feats_s) and len(feats_m) == 3, (feats_m, feats_s)
+  # ID train, ID test, OOD test and the ID-train synthetic anomalies of the zero-shot selection.
+  assert sorted(feats_m) == sorted(feats_s) and len(feats_m) == 4, (feats_m, feats_s)
+  assert any('__synthetic' in name for name in feats_m), feats_m
   others = _npz_files(multi, 'eval/detectors/*.npz') | _npz_files(multi, 'eval/scores.npz')
-  assert len(others) == 3, others
+  assert len(others) == 4, others  # detectors of stein_ssim, its @published variant, diffpath_6d
   for rel, path in {**feats_m, **others}.items():
     _assert_npz_equal(path, os.path.join(single, rel))
   with open(os.path.join(multi, 'eval', 'results.json')) as f:
     rows_m = json.load(f)['rows']
   with open(os.path.join(single, 'eval', 'results.json')) as f:
     rows_s = json.load(f)['rows']
-  assert len(rows_m) == 2 and rows_m == rows_s
+  assert len(rows_m) == 3 and rows_m == rows_s
   # Process 0's results.csv, results.md and report.md tables hold those rows and the saved scores.
   results_check.check_run_outputs(multi)
 

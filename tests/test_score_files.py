@@ -142,7 +142,7 @@ def test_bad_flags_and_unevaluated_workdir(run, folder, tmp_path):
     score_files.check_args(run, f'folder:{tmp_path}', out)
   with pytest.raises(score_files.ScoreError,
                      match=r'--kind=diffpath_1d .*has: --id_dataset=fashion_mnist '
-                     r'--kind=stein_ssim\)'):
+                     r'--kind=stein_ssim, --id_dataset=fashion_mnist --kind=stein_ssim@published\)'):
     score_files.check_args(run, images, out, kind='diffpath_1d')
   trained_only = str(tmp_path / 'trained_only')
   shutil.copytree(run, trained_only, ignore=shutil.ignore_patterns('eval', '.lock'))

@@ -86,8 +86,8 @@ def test_save_detector_is_atomic_and_round_trips(tmp_path):
                                  ml_collections.ConfigDict({'n_components': (1, 2),
                                                            'covariance_types': ('diag',),
                                                            'cv_folds': 2}), seed=0)
-  detector.save_detector(fitted, path)
-  back = detector.load_detector(path)
+  workdir_lib.save_detector(fitted, path)
+  back = workdir_lib.load_detector(path)
   for a, b in zip(fitted.params, back.params):
     np.testing.assert_array_equal(np.asarray(a), b)
   assert _no_temporaries(tmp_path) == []

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from ddm_ood import detector
+from ddm_ood import workdir
 from ddm_ood import features
 from ddm_ood import selection
 from ddm_ood import synthetic
@@ -196,9 +197,9 @@ def test_detector_with_reducer_round_trips(tmp_path):
   s = selection.Setting('stein_ssim', 'all', 0, 'zsum')
   fitted = selection.fit(s, d, K, _det_cfg(), 0)
   path = str(tmp_path / 'det.npz')
-  detector.save_detector(dataclasses.replace(fitted, info=dict(fitted.info, setting=s.describe(
+  workdir.save_detector(dataclasses.replace(fitted, info=dict(fitted.info, setting=s.describe(
       np.arange(K), 2))), path)
-  back = detector.load_detector(path)
+  back = workdir.load_detector(path)
   np.testing.assert_array_equal(np.asarray(back.reducer.weight), np.asarray(fitted.reducer.weight))
   np.testing.assert_allclose(selection.score(back, s, d), selection.score(fitted, s, d), rtol=1e-6)
   assert back.info['setting']['aggregation'] == 'zsum'
