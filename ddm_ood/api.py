@@ -27,8 +27,10 @@ import numpy as np
 from ddm_ood import checkpoint
 from ddm_ood import detector
 from ddm_ood import features as features_lib
+from ddm_ood import pixel_maps
 from ddm_ood import schedule as schedule_lib
 from ddm_ood import scorer
+from ddm_ood import settings
 from ddm_ood import unet
 from ddm_ood import workdir as workdir_lib
 
@@ -62,13 +64,8 @@ def make_anomaly_fn(apply_fn: Callable, schedule: schedule_lib.Schedule,
     out = score_fn(unet_params, images, image_ids, key)
     if draws is None:
       return detector.anomaly_score(detector_params, out['features'][kind])
-    per_t, per_d = out['per_draw'][kind], out['per_draw_deriv'][kind]
-    if draws == 'first':
-      per_t, per_d = per_t[:, 0], per_d[:, 0]
-    else:
-      per_t, per_d = per_t.mean(1), per_d.mean(1)
     reducer, det_params = detector_params
-    stats = features_lib.flatten_stats(per_t, per_d)
+    stats = features_lib.draw_stats(out['per_draw'][kind], out['per_draw_deriv'][kind], draws)
     return detector.anomaly_score(det_params, features_lib.reduce(reducer, stats))
 
   return anomaly_fn
@@ -214,7 +211,7 @@ def build_anomaly_map_fn(config: ml_collections.ConfigDict, apply_fn: Callable,
                          schedule: schedule_lib.Schedule, params, key: jax.Array,
                          timestep_weights=None, kind: str = 'stein_ssim',
                          output: str = 'map') -> Callable:
-  """Host-friendly per-pixel anomaly maps (`scorer.make_anomaly_map_fn`) for given weights.
+  """Host-friendly per-pixel anomaly maps (`pixel_maps.make_anomaly_map_fn`) for given weights.
 
   Args:
     config: the workdir's config (data.image_size, data.channels, scorer).
@@ -226,7 +223,7 @@ def build_anomaly_map_fn(config: ml_collections.ConfigDict, apply_fn: Callable,
       the plain-sum p = 2 statistic over pixels), or per-timestep weights [K_kind] on
       `scorer.kind_timesteps` or [K] on the whole grid: pass a fitted detector's per-timestep
       weights (e.g. ``1 / std_k`` of the ID-train power sums) to map that detector's evidence.
-    kind: a kind of `scorer.MAP_KINDS`.
+    kind: a kind of `pixel_maps.MAP_KINDS`.
     output: 'map' (the kind's SSIM-weighted map), 'baseline' (squared Stein error, no SSIM) or
       'both'.
 
@@ -238,10 +235,10 @@ def build_anomaly_map_fn(config: ml_collections.ConfigDict, apply_fn: Callable,
   """
   if output not in ANOMALY_MAP_OUTPUTS:
     raise ValueError(f'output={output!r} is not one of {ANOMALY_MAP_OUTPUTS}.')
-  weights = jnp.asarray(scorer.anomaly_map_weights(schedule.num_timesteps, config.scorer, kind,
+  weights = jnp.asarray(pixel_maps.anomaly_map_weights(schedule.num_timesteps, config.scorer, kind,
                                                    timestep_weights))
-  map_fn = jax.jit(scorer.make_anomaly_map_fn(apply_fn, schedule, config.scorer, kind))
-  batch = max(1, int(config.scorer.get('batch_size', 128)))
+  map_fn = jax.jit(pixel_maps.make_anomaly_map_fn(apply_fn, schedule, config.scorer, kind))
+  batch = max(1, int(settings.section(config.scorer, 'scorer')['batch_size']))
 
   def fn(images, image_ids=None):
     x = scorer.validate_images(images, config.data.image_size, config.data.channels)
@@ -283,7 +280,7 @@ def anomaly_map_fn(workdir: str, timestep_weights=None, kind: str = 'stein_ssim'
       zero-shot detector that evaluate mode fitted for ``kind`` on ``id_dataset``
       (`features.timestep_weights`: ``1 / std_k`` on its chosen window, so the map splits exactly
       the statistic it scores), or, without one, a plain sum over ``kind``'s timesteps.
-    kind: a kind of `scorer.MAP_KINDS` (default: the seed method, 'stein_ssim').
+    kind: a kind of `pixel_maps.MAP_KINDS` (default: the seed method, 'stein_ssim').
     output: 'map', 'baseline' (no SSIM weight) or 'both'.
 
   Returns:

@@ -21,7 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-COVARIANCE_TYPES = ('full', 'tied', 'diag', 'spherical')
+from ddm_ood import settings
+
+COVARIANCE_TYPES = settings.COVARIANCE_TYPES
 
 
 class DetectorParams(NamedTuple):
@@ -201,28 +203,13 @@ def log_density(params: DetectorParams, features) -> jax.Array:
 
 @jax.jit
 def anomaly_score(params: DetectorParams, features) -> jax.Array:
-  """THE anomaly score: ``-log_density``. Higher = more out-of-distribution.
-
-  Args:
-    params: DetectorParams.
-    features: [M, D] features.
-
-  Returns:
-    [M] anomaly scores.
-  """
+  """THE anomaly score [M] of features [M, D]: ``-log_density``; higher = more OOD."""
   return -log_density(params, features)
 
 
 # --------------------------------------------------------------------------------------------
 # Fitting
 # --------------------------------------------------------------------------------------------
-
-
-def _cfg_get(cfg, name, default):
-  try:
-    return cfg.get(name, default)
-  except AttributeError:
-    return getattr(cfg, name, default)
 
 
 def _validate_features(features) -> np.ndarray:
@@ -246,20 +233,18 @@ def _validate_features(features) -> np.ndarray:
 
 
 def _resolve_bandwidth(bw, n: int, d: int) -> float:
-  if isinstance(bw, str):
-    if bw == 'scott':
-      return n ** (-1.0 / (d + 4))
-    if bw == 'silverman':
-      return (n * (d + 2) / 4.0) ** (-1.0 / (d + 4))
-    raise ValueError(f"kde_bandwidth must be a float, 'scott' or 'silverman', got {bw!r}.")
+  if bw == 'scott':
+    return n ** (-1.0 / (d + 4))
+  if bw == 'silverman':
+    return (n * (d + 2) / 4.0) ** (-1.0 / (d + 4))
   return float(bw)
 
 
-def _fit_kde(x: np.ndarray, det_cfg, seed: int) -> FittedDetector:
+def _fit_kde(x: np.ndarray, det: settings.DetectorSettings, seed: int) -> FittedDetector:
   from sklearn.preprocessing import StandardScaler  # pylint: disable=g-import-not-at-top
-  standardize = bool(_cfg_get(det_cfg, 'kde_standardize', False))
+  standardize = det.kde_standardize
   n, d = x.shape
-  bandwidth = _resolve_bandwidth(_cfg_get(det_cfg, 'kde_bandwidth', 5.0), n, d)
+  bandwidth = _resolve_bandwidth(det.kde_bandwidth, n, d)
   if standardize:
     scaler = StandardScaler().fit(x)
     params = kde_params(scaler.transform(x), bandwidth, scaler.mean_, scaler.scale_)
@@ -270,35 +255,25 @@ def _fit_kde(x: np.ndarray, det_cfg, seed: int) -> FittedDetector:
   return FittedDetector(params, info)
 
 
-def _make_gmm(n_components, covariance_type, det_cfg, seed):
+def _make_gmm(n_components, covariance_type, det: settings.DetectorSettings, seed):
   from sklearn.mixture import GaussianMixture  # pylint: disable=g-import-not-at-top
   return GaussianMixture(
       n_components=int(n_components), covariance_type=covariance_type,
-      reg_covar=float(_cfg_get(det_cfg, 'reg_covar', 1e-6)),
-      max_iter=int(_cfg_get(det_cfg, 'max_iter', 100)), random_state=int(seed))
+      reg_covar=det.reg_covar, max_iter=det.max_iter, random_state=int(seed))
 
 
-def _fit_gmm(x: np.ndarray, det_cfg, seed: int) -> FittedDetector:
+def _fit_gmm(x: np.ndarray, det: settings.DetectorSettings, seed: int) -> FittedDetector:
   from sklearn.exceptions import ConvergenceWarning  # pylint: disable=g-import-not-at-top
   from sklearn.model_selection import KFold  # pylint: disable=g-import-not-at-top
   from sklearn.preprocessing import StandardScaler  # pylint: disable=g-import-not-at-top
 
   n, d = x.shape
-  folds = int(_cfg_get(det_cfg, 'cv_folds', 3))
-  if folds < 2:
-    raise ValueError(f'detector.cv_folds must be >= 2, got {folds}.')
+  folds = det.cv_folds
   if n < 2 * folds:
     raise ValueError(f'Need at least 2 * cv_folds = {2 * folds} samples to fit the detector, '
                      f'got {n}.')
-  grid_n = sorted({int(k) for k in _cfg_get(det_cfg, 'n_components', (50, 100))})
-  cov_types = tuple(_cfg_get(det_cfg, 'covariance_types', COVARIANCE_TYPES))
-  if not grid_n or not cov_types:
-    raise ValueError('detector.n_components and detector.covariance_types must be non-empty.')
-  for c in cov_types:
-    if c not in COVARIANCE_TYPES:
-      raise ValueError(f'Unknown covariance type {c!r}; expected one of {COVARIANCE_TYPES}.')
-  if min(grid_n) < 1:
-    raise ValueError(f'detector.n_components must be >= 1, got {grid_n}.')
+  grid_n = sorted({int(k) for k in det.n_components})
+  cov_types = det.covariance_types
 
   splits = list(KFold(n_splits=folds, shuffle=True, random_state=int(seed)).split(x))
   max_feasible = min(len(tr) for tr, _ in splits)
@@ -325,7 +300,7 @@ def _fit_gmm(x: np.ndarray, det_cfg, seed: int) -> FittedDetector:
       try:
         with warnings.catch_warnings():
           warnings.simplefilter('ignore', ConvergenceWarning)
-          gmm = _make_gmm(k, c, det_cfg, seed).fit(scaler.transform(x[tr]))
+          gmm = _make_gmm(k, c, det, seed).fit(scaler.transform(x[tr]))
       except (ValueError, np.linalg.LinAlgError) as e:  # ill-defined covariance etc.
         error = f'{type(e).__name__}: {e}'
         break
@@ -350,7 +325,7 @@ def _fit_gmm(x: np.ndarray, det_cfg, seed: int) -> FittedDetector:
     try:
       with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always', ConvergenceWarning)
-        gmm = _make_gmm(k, c, det_cfg, seed).fit(z)
+        gmm = _make_gmm(k, c, det, seed).fit(z)
       for w in caught:
         if issubclass(w.category, ConvergenceWarning):
           fit_warnings.append(f'refit (k={k}, {c}): {w.message}')
@@ -385,8 +360,9 @@ def fit_detector(features: np.ndarray, det_cfg, seed: int = 0) -> FittedDetector
 
   Args:
     features: [N, D] finite features.
-    det_cfg: ``config.detector`` (fields n_components, covariance_types, cv_folds,
-      kde_bandwidth, max_iter, reg_covar; optional kde_standardize, sklearn_threads).
+    det_cfg: ``config.detector`` or `settings.DetectorSettings` (n_components,
+      covariance_types, cv_folds, kde_bandwidth, max_iter, reg_covar, kde_standardize,
+      sklearn_threads; a missing field takes its `default_config` value).
     seed: seeds the CV split and the GMM initialisation.
 
   Returns:
@@ -396,12 +372,13 @@ def fit_detector(features: np.ndarray, det_cfg, seed: int = 0) -> FittedDetector
     ValueError: non 2-D / non-finite features (message lists the bad rows), too few samples
       (GMM needs N >= 2 * cv_folds), or a bad config value.
   """
+  det = settings.detector(det_cfg)
   x = _validate_features(features)
   if x.shape[1] == 1:
-    return _fit_kde(x, det_cfg, seed)
-  threads = int(_cfg_get(det_cfg, 'sklearn_threads', 1))
+    return _fit_kde(x, det, seed)
+  threads = det.sklearn_threads
   if threads <= 0:
-    return _fit_gmm(x, det_cfg, seed)
+    return _fit_gmm(x, det, seed)
   from threadpoolctl import threadpool_limits  # pylint: disable=g-import-not-at-top
   with threadpool_limits(limits=threads):
-    return _fit_gmm(x, det_cfg, seed)
+    return _fit_gmm(x, det, seed)

@@ -34,6 +34,7 @@ from ddm_ood import memory
 from ddm_ood import metrics
 from ddm_ood import protocol
 from ddm_ood import scorer
+from ddm_ood import settings as settings_lib
 from ddm_ood import sharding
 from ddm_ood import schedule as schedule_lib
 from ddm_ood import synthetic
@@ -92,7 +93,7 @@ class FeatureExtractor:
                     diffusion=c.diffusion.to_dict(),
                     data={k: c.data[k] for k in ('image_size', 'channels', 'data_dir',
                                                  'texture_crops', 'synthetic_examples')})
-    if c.data.get('resize_via', 0):  # only when set, so existing caches stay valid
+    if settings_lib.section(c.data, 'data')['resize_via']:  # only when set: old caches stay valid
       settings['data']['resize_via'] = int(c.data.resize_via)
     settings['scorer'].pop('batch_size', None)  # results do not depend on it
     settings['scorer'].pop('chunk', None)
@@ -236,10 +237,7 @@ def run_suite(config: ml_collections.ConfigDict, workdir: str, *,
     workdir.WorkdirError: a bad config or source name (checked before any work), a network config
       that differs from the checkpoint's, or another process holding the workdir.
   """
-  workdir = workdir_lib.check_workdir_path(workdir)
-  workdir_lib.validate_config(config, 'evaluate')
-  with workdir_lib.lock(workdir):
-    workdir_lib.check_compatible(config, workdir)
+  with workdir_lib.opened(config, workdir, 'evaluate') as workdir:
     return _run_suite(config, workdir, print_table, make_report)
 
 

@@ -57,6 +57,24 @@ def flatten_stats(per_t, per_d):
   return xp.concatenate([per_t.reshape(lead + (-1,)), per_d.reshape(lead + (-1,))], axis=-1)
 
 
+DRAWS = ('all', 'first')
+
+
+def draw_stats(per_draw, per_draw_deriv, draws: str = 'all'):
+  """Flattened statistics [..., 6K - 3] of per-draw power sums, the R draws reduced.
+
+  Args:
+    per_draw: [..., R, K, 3] power sums of each draw (the scorer's 'per_draw').
+    per_draw_deriv: [..., R, K - 1, 3] (the scorer's 'per_draw_deriv').
+    draws: 'all' (averaged over the R draws) or 'first' (draw 0 only: the paper's R = 1).
+  """
+  if draws not in DRAWS:
+    raise ValueError(f'draws={draws!r} is not one of {DRAWS}.')
+  if draws == 'first':
+    return flatten_stats(per_draw[..., 0, :, :], per_draw_deriv[..., 0, :, :])
+  return flatten_stats(per_draw.mean(-3), per_draw_deriv.mean(-3))
+
+
 def window_columns(num_steps: int, k0: int) -> tuple[np.ndarray, np.ndarray]:
   """Column indices of the window k >= k0: (value columns [W, 3], derivative columns [W-1, 3])."""
   if not 0 <= k0 < num_steps:
@@ -123,11 +141,11 @@ def timestep_weights(reducer: Reducer, num_steps: int) -> np.ndarray:
   """Per-timestep weight [K] of the p = 2 power sum in the features (0 outside the window).
 
   For 'sum' it is 1 on the window, for 'zsum' / 'concat' 1 / sd_k2: the weights under which an
-  anomaly map's pixel sum is the feature's p = 2 statistic (`scorer.make_anomaly_map_fn`).
+  anomaly map's pixel sum is the feature's p = 2 statistic (`pixel_maps.make_anomaly_map_fn`).
   """
   w = np.asarray(reducer.weight)
   return np.abs(w[3 * np.arange(num_steps) + 1]).sum(axis=1).astype(np.float32)
 
 
-__all__ = ['AGGREGATIONS', 'Reducer', 'num_stats', 'flatten_stats', 'window_columns',
+__all__ = ['DRAWS', 'draw_stats', 'AGGREGATIONS', 'Reducer', 'num_stats', 'flatten_stats', 'window_columns',
            'fit_reducer', 'reduce', 'timestep_weights']

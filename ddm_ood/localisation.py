@@ -5,7 +5,7 @@ OOD image: an MNIST digit into Fashion-MNIST) at a random place of each image an
 pasted-pixel masks; ``pixel_auroc(maps, masks)`` is the AUROC of telling pasted pixels from the
 rest by the map's value, pooled over all pixels of all images (`ddm_ood.metrics.auroc`, pasted
 pixels positive, ties counted 1/2); ``localisation_auroc`` does it for each map that
-`ddm_ood.scorer.make_anomaly_map_fn` returns (the SSIM-weighted 'map' and the 'baseline' without
+`ddm_ood.pixel_maps.make_anomaly_map_fn` returns (the SSIM-weighted 'map' and the 'baseline' without
 SSIM). numpy, on the host; deterministic.
 """
 
@@ -106,7 +106,7 @@ def localisation_auroc(map_fn_outputs: Mapping[str, np.ndarray], masks) -> dict:
   missing = {'map', 'baseline'} - set(map_fn_outputs)
   if missing:
     raise ValueError(f'map_fn_outputs lacks {sorted(missing)}; pass the dict that '
-                     'scorer.make_anomaly_map_fn returns.')
+                     'pixel_maps.make_anomaly_map_fn returns.')
   return {name: pixel_auroc(np.asarray(v), masks) for name, v in map_fn_outputs.items()}
 
 

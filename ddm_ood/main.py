@@ -6,7 +6,6 @@
   python -m ddm_ood.main --mode=score --workdir=DIR --images=folder:PATH --out=scores.csv
 """
 
-import os
 import sys
 
 from absl import app

@@ -16,6 +16,7 @@ import numpy as np
 
 from ddm_ood import features as features_lib
 from ddm_ood import localisation
+from ddm_ood import pixel_maps
 from ddm_ood import protocol
 from ddm_ood import scorer
 from ddm_ood import sharding
@@ -43,7 +44,7 @@ def localisation_study(config, extractor, id_name: str, reducer,
                   features_lib.timestep_weights(baseline_reducer, k))
 
   def maps_of(kind, w):
-    map_fn = jax.jit(scorer.make_anomaly_map_fn(lambda p, x, t: extractor.model.apply(p, x, t),
+    map_fn = jax.jit(pixel_maps.make_anomaly_map_fn(lambda p, x, t: extractor.model.apply(p, x, t),
                                                 extractor.schedule, config.scorer, kind))
     ids, bs, outs = np.asarray(scorer.content_ids(pasted)), 50, []
     for i in range(0, len(pasted), bs):
@@ -68,17 +69,17 @@ def localisation_study(config, extractor, id_name: str, reducer,
 
 
 def example_maps_fn(config, extractor, fitted: dict):
-  """``(images, ids) -> maps`` for the report: `scorer.trajectory_maps` plus the anomaly map of
+  """``(images, ids) -> maps`` for the report: `pixel_maps.trajectory_maps` plus the anomaly map of
   the first ID set's zero-shot detector (its per-timestep weights)."""
   apply_fn = lambda p, x, t: extractor.model.apply(p, x, t)
   seed = fitted.get(protocol.SEED_KIND)
   k = int(config.scorer.num_steps)
   weights = (features_lib.timestep_weights(seed.detector.reducer, k)
              if seed is not None and seed.detector.reducer is not None else np.ones(k, np.float32))
-  map_fn = jax.jit(scorer.make_anomaly_map_fn(apply_fn, extractor.schedule, config.scorer))
+  map_fn = jax.jit(pixel_maps.make_anomaly_map_fn(apply_fn, extractor.schedule, config.scorer))
 
   def example_maps(images, ids):
-    out = scorer.trajectory_maps(apply_fn, extractor.schedule, config.scorer, extractor.params,
+    out = pixel_maps.trajectory_maps(apply_fn, extractor.schedule, config.scorer, extractor.params,
                                  images, ids, extractor.key)
     out['anomaly_map'] = np.asarray(map_fn(extractor.params, jnp.asarray(images, jnp.float32),
                                            jnp.asarray(ids, jnp.int32), extractor.key,

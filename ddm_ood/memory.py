@@ -162,20 +162,22 @@ def plan_for_config(config, param_count: int, num_devices: int, device=None) -> 
     See `plan_scorer_batch`; with ``config.scorer.memory_budget_gb`` (0 = auto).
   """
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from ddm_ood import kinds  # pylint: disable=g-import-not-at-top
+  from ddm_ood import settings  # pylint: disable=g-import-not-at-top
   from ddm_ood import unet  # pylint: disable=g-import-not-at-top
   m, sc, size, channels = config.model, config.scorer, config.data.image_size, config.data.channels
   backend = device.platform if device is not None else 'cpu'
-  dtype = unet.resolve_compute_dtype(m.get('compute_dtype', 'auto'), backend)
+  dtype = unet.resolve_compute_dtype(settings.section(m, 'model')['compute_dtype'], backend)
   k, r = int(sc.num_steps), int(sc.num_draws)
-  # Forward mode: R * K states of an image go through the network at once; the DDIM scan: one.
-  states = r * k if sc.mode == 'forward' else 1
-  kinds = tuple(config.eval.feature_kinds)
-  kept = (r * k if sc.mode == 'forward' else 0) + (k if sc.mode == 'ddim' or any(
-      kind.startswith('diffpath') or kind.endswith('_ddim') for kind in kinds) else 0)
+  # The forward trajectory sends R * K states of an image through the network at once; the DDIM
+  # scan one. Each trajectory the kinds read keeps its states.
+  paths = {kinds.get(kind).trajectory_for(sc.mode) for kind in config.eval.feature_kinds}
+  states = r * k if 'forward' in paths else 1
+  kept = (r * k if 'forward' in paths else 0) + (k if 'ddim' in paths else 0)
   state = unet_state_bytes(size, channels, m.ch, tuple(m.ch_mult), m.num_res_blocks,
                            tuple(m.attn_resolutions), m.num_heads, jnp.dtype(dtype).itemsize)
   fixed = param_count * (4 + jnp.dtype(dtype).itemsize)
-  budget = resolve_budget_bytes(float(sc.get('memory_budget_gb', 0.0)), device)
+  budget = resolve_budget_bytes(float(settings.section(sc, 'scorer')['memory_budget_gb']), device)
   return plan_scorer_batch(state, scorer_image_bytes(size, channels, kept), fixed, budget, states,
                            int(sc.batch_size), int(sc.chunk), num_devices)
 

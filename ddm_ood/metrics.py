@@ -86,36 +86,21 @@ def auroc(id_scores, ood_scores) -> float:
 
 
 def aupr_out(id_scores, ood_scores) -> float:
-  """Average precision with OOD positive and the anomaly score.
+  """Average precision with OOD positive and the anomaly score: AUPR-Out in [0, 1].
 
-  Equals ``sklearn.metrics.average_precision_score(y, s)`` with y = 1 for OOD.
-
-  Args:
-    id_scores: [N_id] anomaly scores of ID samples.
-    ood_scores: [N_ood] anomaly scores of OOD samples.
-
-  Returns:
-    AUPR-Out in [0, 1].
+  Equals ``sklearn.metrics.average_precision_score(y, s)`` with y = 1 for OOD; arguments as
+  `auroc`.
   """
-  a, b = _check_pair(id_scores, ood_scores)
-  y, s = _labels_and_scores(a, b)
+  y, s = _labels_and_scores(*_check_pair(id_scores, ood_scores))
   return _average_precision(y, s)
 
 
 def aupr_in(id_scores, ood_scores) -> float:
-  """Average precision with ID positive and the negated anomaly score.
+  """As `aupr_out` with ID positive and the negated anomaly score: AUPR-In in [0, 1].
 
   Equals ``sklearn.metrics.average_precision_score(1 - y, -s)`` with y = 1 for OOD.
-
-  Args:
-    id_scores: [N_id] anomaly scores of ID samples.
-    ood_scores: [N_ood] anomaly scores of OOD samples.
-
-  Returns:
-    AUPR-In in [0, 1].
   """
-  a, b = _check_pair(id_scores, ood_scores)
-  y, s = _labels_and_scores(a, b)
+  y, s = _labels_and_scores(*_check_pair(id_scores, ood_scores))
   return _average_precision(1.0 - y, -s)
 
 

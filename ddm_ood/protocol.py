@@ -28,12 +28,13 @@ from absl import logging
 import numpy as np
 
 from ddm_ood import detector
+from ddm_ood import kinds as kinds_lib
 from ddm_ood import metrics
 from ddm_ood import scorer
 from ddm_ood import selection
 
-SEED_KIND = 'stein_ssim'
-BASELINE_KINDS = ('diffpath_6d', 'diffpath_1d')
+SEED_KIND = kinds_lib.SEED
+BASELINE_KINDS = kinds_lib.BASELINES
 PUBLISHED = '@published'
 ORACLE = '@oracle'
 VARIANT_NAMES = {'': 'zero-shot default', PUBLISHED: 'as published', ORACLE: 'oracle (OOD-train)'}
@@ -45,11 +46,8 @@ def base_kind(method: str) -> str:
 
 
 def role(method: str) -> str:
-  """'method' (the seed method's variants), 'ablation' or 'baseline'."""
-  kind = base_kind(method)
-  if kind in BASELINE_KINDS:
-    return 'baseline'
-  return 'method' if kind == SEED_KIND else 'ablation'
+  """'method' (the seed method's variants), 'ablation' or 'baseline' (`kinds.Kind.role`)."""
+  return kinds_lib.get(base_kind(method)).role
 
 
 def methods(config) -> list[str]:
@@ -139,7 +137,6 @@ def oracle(config, id_names, fits: Mapping[str, Mapping], vals: Mapping[str, Map
     setting chosen without that OOD set and its test AUROC per ID set, next to the AUROC of the
     setting chosen with it.
   """
-  sel = config.select
   grid = grid_of(config, SEED_KIND)
   cands = selection.candidates([SEED_KIND], len(grid), grid, t_mins(config), ('sum',),
                                draws=('first', 'all'))

@@ -16,12 +16,14 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 from ddm_ood import data
+from ddm_ood import kinds
 from ddm_ood import metrics
 from ddm_ood import protocol
+from ddm_ood import settings
 from ddm_ood import tables
 from ddm_ood import workdir as workdir_lib
 
-SEED_METHOD = protocol.SEED_KIND
+SEED_METHOD = kinds.SEED
 
 
 def _grid(n: int, max_cols: int = 4):
@@ -96,7 +98,7 @@ def plot_examples(config, example_maps, datasets, path: str, num: int) -> str:
   """Example inputs with x0hat, the SSIM map and the weighted Stein error at a middle timestep,
   and the anomaly map (heat map of where the detector's evidence lies).
 
-  ``example_maps(images, ids)`` returns `scorer.trajectory_maps`' dict plus 'anomaly_map'
+  ``example_maps(images, ids)`` returns `pixel_maps.trajectory_maps`' dict plus 'anomaly_map'
   [B, H, W] (the evaluate mode passes it in; the report runs no network itself).
   """
   rows, t_mid = [], None
@@ -237,7 +239,7 @@ def write_report(config, workdir: str, results: dict, scores: dict, example_maps
       f'{config.data.image_size}x{config.data.channels}; {config.diffusion.schedule} schedule, '
       f'T = {config.diffusion.num_timesteps}',
       f'- scorer: mode `{config.scorer.mode}`, K = {config.scorer.num_steps} timesteps '
-      f'{results["timesteps"]} (seed family: t >= {config.scorer.get("t_min", 0)}, window and '
+      f'{results["timesteps"]} (seed family: t >= {settings.scorer(config.scorer).t_min}, window and '
       f'aggregation chosen per ID set, see the settings column; DiffPath baselines: all), noise `{config.scorer.noise}`, draws {config.scorer.num_draws}, '
       f'SSIM pair `{config.scorer.ssim_pair}`, weight `{config.scorer.ssim_weight}`, '
       f'scale_by_sigma {config.scorer.scale_by_sigma}',
@@ -247,7 +249,7 @@ def write_report(config, workdir: str, results: dict, scores: dict, example_maps
       '', '## Results (AUROC higher is better, FPR95 lower is better; OOD = positive)', '',
       tables.results_table(results), '',
       '## Averages over the suite', '', tables.averages_table(results), '',
-      f'## The seed method three ways, and the baselines (AUROC)', '',
+      '## The seed method three ways, and the baselines (AUROC)', '',
       tables.variants_table(results), '',
       '"as published": R = 1, whole grid, plain sum. "zero-shot default": settings chosen per '
       'ID set from ID-train images only (held-out images vs their synthetic anomalies). '

@@ -23,6 +23,7 @@ import numpy as np
 
 from ddm_ood import data
 from ddm_ood import metrics
+from ddm_ood import settings
 from ddm_ood import workdir as workdir_lib
 
 TPR = 0.95                      # the threshold keeps this fraction of the ID-test images
@@ -128,7 +129,7 @@ def load_file(path: str, data_cfg) -> np.ndarray:
   size, channels = int(data_cfg.image_size), int(data_cfg.channels)
   x = data.formats.uint8_to_unit(data.formats.load_image_file(path, channels, size))[None]
   # The rest of `data.load_images` for a folder source (a no-op unless config.data.resize_via).
-  via = int(data_cfg.get('resize_via', 0))
+  via = int(settings.section(data_cfg, 'data')['resize_via'])
   if via:
     x = data.resize_images(x, via)
   x = data.to_channels(data.resize_images(x, size), channels)

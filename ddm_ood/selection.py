@@ -26,7 +26,7 @@ from ddm_ood import detector
 from ddm_ood import features as features_lib
 from ddm_ood import metrics
 
-DRAWS = ('all', 'first')
+DRAWS = features_lib.DRAWS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,14 +50,8 @@ class Setting:
 
 def stats_of(feats: Mapping[str, np.ndarray], kind: str, draws: str = 'all') -> np.ndarray:
   """Flattened statistics [N, 6K - 3] of ``kind`` with the draws averaged ('all') or draw 0."""
-  if draws not in DRAWS:
-    raise ValueError(f'draws={draws!r} is not one of {DRAWS}.')
-  per_t, per_d = feats[f'per_draw/{kind}'], feats[f'per_draw_deriv/{kind}']
-  if draws == 'first':
-    per_t, per_d = per_t[:, 0], per_d[:, 0]
-  else:
-    per_t, per_d = per_t.mean(1), per_d.mean(1)
-  return features_lib.flatten_stats(per_t, per_d)
+  return features_lib.draw_stats(feats[f'per_draw/{kind}'], feats[f'per_draw_deriv/{kind}'],
+                                 draws)
 
 
 def fit(setting: Setting, fit_feats: Mapping[str, np.ndarray], num_steps: int, det_cfg,

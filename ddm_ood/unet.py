@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from ddm_ood import settings
+
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
   """Sinusoidal embedding of timesteps t [B] (int or float) -> [B, dim] float32."""
@@ -255,16 +257,16 @@ def build_model(config: ml_collections.ConfigDict) -> UNet:
   ``model.compute_dtype`` is resolved for the default backend (`resolve_compute_dtype`).
   Fields missing from an older workdir's config.json take their defaults.
   """
-  m = config.model
+  m = settings.section(config.model, 'model')
   if config.data.channels not in (1, 3):
     raise ValueError(f'config.data.channels must be 1 or 3, got {config.data.channels}.')
-  scale = 1000.0 / config.diffusion.num_timesteps if m.get('rescale_timesteps', False) else 1.0
-  return UNet(channels=config.data.channels, ch=m.ch, ch_mult=tuple(m.ch_mult),
-              num_res_blocks=m.num_res_blocks, attn_resolutions=tuple(m.attn_resolutions),
-              num_heads=m.num_heads, dropout=m.dropout, num_groups=m.num_groups,
-              norm_eps=m.get('norm_eps', 1e-6), learn_sigma=m.get('learn_sigma', False),
-              downsample_padding=m.get('downsample_padding', 'same'), timestep_scale=scale,
-              dtype=resolve_compute_dtype(m.get('compute_dtype', 'auto'), jax.default_backend()))
+  scale = 1000.0 / config.diffusion.num_timesteps if m['rescale_timesteps'] else 1.0
+  return UNet(channels=config.data.channels, ch=m['ch'], ch_mult=tuple(m['ch_mult']),
+              num_res_blocks=m['num_res_blocks'], attn_resolutions=tuple(m['attn_resolutions']),
+              num_heads=m['num_heads'], dropout=m['dropout'], num_groups=m['num_groups'],
+              norm_eps=m['norm_eps'], learn_sigma=m['learn_sigma'],
+              downsample_padding=m['downsample_padding'], timestep_scale=scale,
+              dtype=resolve_compute_dtype(m['compute_dtype'], jax.default_backend()))
 
 
 def init_params(model: UNet, key: jax.Array, image_size: int):

@@ -31,6 +31,7 @@ from typing import Any, Iterator
 import ml_collections
 
 from ddm_ood import data as data_lib
+from ddm_ood import default_config
 
 LOCK_FILE = '.lock'
 # Config sections / fields that define the trained network (anything else may change between the
@@ -175,14 +176,27 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   atomic_write(os.path.join(workdir, CONFIG_FILE), config.to_json_best_effort(indent=1))
 
 
+def _merged(defaults: dict, saved: dict) -> dict:
+  out = dict(defaults)
+  for k, v in saved.items():
+    out[k] = _merged(defaults[k], v) if isinstance(v, dict) and isinstance(
+        defaults.get(k), dict) else v
+  return out
+
+
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a workdir was trained / converted and evaluated with (``workdir/config.json``)."""
+  """The config a workdir was trained / converted and evaluated with (``workdir/config.json``).
+
+  Fields that the saved config lacks (a workdir written by an older version) take their
+  `default_config` values, so every field is present.
+  """
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(f'No {CONFIG_FILE} in {workdir}: is this a ddm_ood workdir? Run '
                             '`python -m ddm_ood.main --config=... --workdir=...` first.')
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    saved = json.load(f)
+  return ml_collections.ConfigDict(_merged(default_config.get_config().to_dict(), saved))
 
 
 class WorkdirError(ValueError):
@@ -337,6 +351,20 @@ def _check_select(sel) -> None:
 
 
 # ------------------------------------------------------------------------------------ lock
+@contextlib.contextmanager
+def opened(config: ml_collections.ConfigDict, workdir: str, mode: str) -> Iterator[str]:
+  """The guarded start of a run on ``workdir``; yields the absolute workdir.
+
+  Checks the path and the config for ``mode`` ('train', 'evaluate', 'all'), then holds the
+  `lock` and checks that the config's network fields match the checkpoint's (`check_compatible`).
+  """
+  workdir = check_workdir_path(workdir)
+  validate_config(config, mode)
+  with lock(workdir):
+    check_compatible(config, workdir)
+    yield workdir
+
+
 _held: dict[str, list] = {}  # workdir -> [file object, depth]: re-entrant within one process
 
 

@@ -60,7 +60,6 @@ torch's key names and layouts (conv OIHW, linear [out, in], attention qkv as a c
 from __future__ import annotations
 
 import argparse
-import glob
 import gzip
 import json
 import os

@@ -1,4 +1,4 @@
-"""Per-pixel anomaly maps (scorer.make_anomaly_map_fn, api.build_anomaly_map_fn) and pixel-level
+"""Per-pixel anomaly maps (pixel_maps.make_anomaly_map_fn, api.build_anomaly_map_fn) and pixel-level
 localisation (ddm_ood.localisation) on a small random UNet (CPU, offline, deterministic)."""
 
 import functools
@@ -12,6 +12,7 @@ import skimage.data
 from configs.default import get_config
 from ddm_ood import api
 from ddm_ood import localisation
+from ddm_ood import pixel_maps
 from ddm_ood import schedule as schedule_lib
 from ddm_ood import scorer as scorer_lib
 from ddm_ood.unet import UNet
@@ -53,7 +54,7 @@ def _jitted(cfg_items, kind, scorer_kinds=None):
   apply_fn, _, sched, _ = _setup()
   cfg = _cfg(**dict(cfg_items))
   if scorer_kinds is None:
-    return jax.jit(scorer_lib.make_anomaly_map_fn(apply_fn, sched, cfg, kind))
+    return jax.jit(pixel_maps.make_anomaly_map_fn(apply_fn, sched, cfg, kind))
   return jax.jit(scorer_lib.make_trajectory_scorer(apply_fn, sched, cfg, scorer_kinds))
 
 
@@ -91,7 +92,7 @@ IDS3 = np.array([3, 11, 19], np.int32)
 def test_map_pixel_sums_are_the_scorers_power_sums(overrides, kind, stein_kind):
   images = _setup()[3][[3, 11, 19]]
   cfg = _cfg(**overrides)
-  weights = scorer_lib.anomaly_map_weights(T, cfg, kind)       # zeros before t_min
+  weights = pixel_maps.anomaly_map_weights(T, cfg, kind)       # zeros before t_min
   out = run_map(overrides, images, IDS3, weights, kind)
   for name in ('map', 'baseline'):   # (a) shape, finite, non-negative
     assert out[name].shape == (3, SIZE, SIZE) and out[name].dtype == np.float32
@@ -125,15 +126,15 @@ def test_timestep_weights_drop_and_scale_timesteps():
   assert np.abs(ones['map'] - got['map']).max() > 0.1 * got['map'].max()
   # The default weights follow the kind's window; wrong lengths are refused.
   np.testing.assert_array_equal(
-      scorer_lib.anomaly_map_weights(T, _cfg(t_min=50), 'stein_ssim'), [0, 0, 1, 1])
+      pixel_maps.anomaly_map_weights(T, _cfg(t_min=50), 'stein_ssim'), [0, 0, 1, 1])
   np.testing.assert_array_equal(
-      scorer_lib.anomaly_map_weights(T, _cfg(t_min=50), 'stein_ssim', [3, 4]), [0, 0, 3, 4])
+      pixel_maps.anomaly_map_weights(T, _cfg(t_min=50), 'stein_ssim', [3, 4]), [0, 0, 3, 4])
   with pytest.raises(ValueError, match='timestep weights must have shape'):
-    scorer_lib.anomaly_map_weights(T, _cfg(t_min=50), 'stein_ssim', [1, 2, 3])
+    pixel_maps.anomaly_map_weights(T, _cfg(t_min=50), 'stein_ssim', [1, 2, 3])
   with pytest.raises(ValueError, match='timestep_weights must have shape'):
     run_map({}, images, IDS3, np.ones(K + 1))
   with pytest.raises(ValueError, match='No anomaly map for kind'):
-    scorer_lib.make_anomaly_map_fn(_setup()[0], _setup()[2], _cfg(), 'diffpath_6d')
+    pixel_maps.make_anomaly_map_fn(_setup()[0], _setup()[2], _cfg(), 'diffpath_6d')
 
 
 def test_map_invariant_to_batch_size_and_chunking():

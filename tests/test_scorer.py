@@ -26,6 +26,7 @@ import skimage.data
 from skimage.metrics import structural_similarity
 
 from configs.default import get_config
+from ddm_ood import pixel_maps
 from ddm_ood import schedule as schedule_lib
 from ddm_ood import scorer as scorer_lib
 from ddm_ood.unet import UNet
@@ -331,7 +332,7 @@ def test_noise_options_and_sigma_scaling():
   x, ids, key = images[[1, 40]], np.array([1, 40]), jax.random.key(7)
   maps = {}
   for noise, scale in (('shared', False), ('independent', False), ('shared', True)):
-    maps[noise, scale] = scorer_lib.trajectory_maps(
+    maps[noise, scale] = pixel_maps.trajectory_maps(
         apply_fn, sched, scorer_cfg(noise=noise, scale_by_sigma=scale), params, x, ids, key)
   shared, indep = maps['shared', False], maps['independent', False]
   assert shared['x_t'].shape == (2, K, SIZE, SIZE, 1)

@@ -100,8 +100,11 @@ def test_sigkill_and_sigterm_resume_matches_uninterrupted(tmp_path):
 
   log2 = tmp_path / 'run2.log'
   run2 = slow(interrupted, log2, *steps)
-  h.wait_for(lambda: killed_at + 1 in [r['step'] for r in workdir_lib.read_metrics(interrupted)],
-             run2, 240, f'step {killed_at + 1} of the resumed run')
+  # run1 may have logged steps past its last checkpoint before the kill: wait until run2 has
+  # truncated metrics.jsonl to its checkpoint ('Training on' follows) and logged a step itself.
+  h.wait_for(lambda: 'Training on' in h.read(log2) and killed_at + 1 in [
+      r['step'] for r in workdir_lib.read_metrics(interrupted)], run2, 240,
+             f'step {killed_at + 1} of the resumed run')
   run2.send_signal(signal.SIGTERM)
   assert run2.wait(120) == 0, h.read(log2)[-3000:]
   text = h.read(log2)

