@@ -45,9 +45,9 @@ def _module_pairs(flax_params: dict, num_res_blocks: int,
     if level != num_levels - 1:
       yield f'input_blocks.{k}.0.op', f'down_{level}_downsample', 'conv'
       k += 1
-  yield 'middle_block.0', 'mid_res_0', 'res'
-  yield 'middle_block.1', 'mid_attn', 'attn'
-  yield 'middle_block.2', 'mid_res_1', 'res'
+  for j, (name, kind) in enumerate((('mid_res_0', 'res'), ('mid_attn', 'attn'),
+                                    ('mid_res_1', 'res'))):
+    yield f'middle_block.{j}', name, kind
   k = 0
   for level in reversed(range(num_levels)):
     for i in range(num_res_blocks + 1):

@@ -152,14 +152,9 @@ def id_threshold(id_scores, tpr: float = 0.95) -> float:
 def roc_curve_points(id_scores, ood_scores):
   """ROC curve (OOD positive), every distinct threshold, starting at (0, 0).
 
-  Equals ``sklearn.metrics.roc_curve(y, s, drop_intermediate=False)[:2]`` with y = 1 for OOD.
-
-  Args:
-    id_scores: [N_id] anomaly scores of ID samples.
-    ood_scores: [N_ood] anomaly scores of OOD samples.
-
-  Returns:
-    (fpr [P], tpr [P]) float64 arrays, non-decreasing, from (0, 0) to (1, 1).
+  Equals ``sklearn.metrics.roc_curve(y, s, drop_intermediate=False)[:2]`` with y = 1 for OOD;
+  arguments as `auroc`. Returns (fpr [P], tpr [P]) float64 arrays, non-decreasing, from (0, 0)
+  to (1, 1).
   """
   a, b = _check_pair(id_scores, ood_scores)
   y, s = _labels_and_scores(a, b)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddm_ood import inputs
 from ddm_ood import kinds as kinds_lib
 from ddm_ood import schedule as schedule_lib
 from ddm_ood import scorer
@@ -160,21 +161,15 @@ def make_anomaly_map_fn(apply_fn: ApplyFn, schedule: schedule_lib.Schedule, scor
 
   def map_fn(params, images: jax.Array, image_ids: jax.Array, key: jax.Array,
              timestep_weights: jax.Array) -> dict:
-    images = jnp.asarray(images)
-    image_ids = jnp.asarray(image_ids)
+    images = inputs.image_batch(images, 'anomaly map')
+    image_ids = inputs.index_batch(image_ids, images.shape[0], 'image_ids', 'anomaly map')
     weights = jnp.asarray(timestep_weights)
-    if images.ndim != 4 or not jnp.issubdtype(images.dtype, jnp.floating):
-      raise ValueError(f'Images must be float [B, H, W, C] in [-1, 1], got '
-                       f'{images.dtype}{images.shape}.')
-    if image_ids.shape != images.shape[:1] or not jnp.issubdtype(image_ids.dtype, jnp.integer):
-      raise ValueError(f'image_ids must be integers of shape [B]={images.shape[:1]}, got '
-                       f'{image_ids.dtype}{image_ids.shape}.')
     if weights.shape != ts.shape:
       raise ValueError(f'timestep_weights must have shape [{len(ts)}] (one per grid timestep '
                        f'{ts.tolist()}), got {weights.shape}; see anomaly_map_weights.')
     weights = weights.astype(jnp.float32)
-    return scorer.map_images(lambda x0, i: map_one(params, x0, i, key, weights),
-                       images.astype(jnp.float32), image_ids.astype(jnp.int32), s.chunk)
+    return scorer.map_images(lambda x0, i: map_one(params, x0, i, key, weights), images,
+                             image_ids, s.chunk)
 
   return map_fn
 

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddm_ood import inputs
 from ddm_ood import kinds as kinds_lib
 from ddm_ood import schedule as schedule_lib
 from ddm_ood import settings
@@ -299,18 +300,8 @@ def make_trajectory_scorer(apply_fn: ApplyFn, schedule: schedule_lib.Schedule, s
             'per_draw': per_t_r, 'per_draw_deriv': per_d_r}
 
   def score(params, images: jax.Array, image_ids: jax.Array, key: jax.Array) -> dict:
-    images = jnp.asarray(images)
-    image_ids = jnp.asarray(image_ids)
-    if images.ndim != 4:
-      raise ValueError(f'Images must have shape [B, H, W, C], got shape {images.shape}.')
-    if not jnp.issubdtype(images.dtype, jnp.floating):
-      raise ValueError(f'Images must be float in [-1, 1], got dtype {images.dtype}; convert '
-                       'with x.astype(float32) / 127.5 - 1.')
-    if image_ids.shape != images.shape[:1] or not jnp.issubdtype(image_ids.dtype, jnp.integer):
-      raise ValueError(f'image_ids must be integers of shape [B]={images.shape[:1]}, got '
-                       f'{image_ids.dtype}{image_ids.shape}.')
-    images = images.astype(jnp.float32)
-    image_ids = image_ids.astype(jnp.int32)
+    images = inputs.image_batch(images, 'scorer')
+    image_ids = inputs.index_batch(image_ids, images.shape[0], 'image_ids', 'scorer')
     return map_images(lambda x0, i: score_one(params, x0, i, key), images, image_ids, s.chunk)
 
   return score

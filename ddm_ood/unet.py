@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from ddm_ood import inputs
 from ddm_ood import settings
 
 
@@ -167,11 +168,7 @@ class UNet(nn.Module):
 
   def check_input(self, x: jax.Array, t: jax.Array) -> None:
     """Raises ValueError with a remedy when x [B, H, W, C] / t [B] do not fit this network."""
-    if x.ndim != 4:
-      raise ValueError(f'UNet expects images [B, H, W, C], got shape {x.shape}.')
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-      raise ValueError(f'UNet expects float images in [-1, 1], got dtype {x.dtype}; '
-                       'convert with x.astype(jnp.float32) / 127.5 - 1.')
+    inputs.image_batch(x, 'UNet')
     if x.shape[-1] != self.channels:
       raise ValueError(f'UNet was built for {self.channels} channel(s), got {x.shape[-1]} '
                        f'(image shape {x.shape}); convert gray <-> RGB first.')

@@ -329,20 +329,21 @@ def validate_config(config: ml_collections.ConfigDict, mode: str = 'all') -> Non
     _check_select(config.select)
 
 
+def _check_subset(field: str, values, allowed) -> None:
+  bad = [v for v in values if v not in allowed]
+  if bad or not values:
+    raise WorkdirError(f'config.{field}={tuple(values)} must be a non-empty subset of {allowed}'
+                       + (f'; unknown: {bad}.' if bad else '.'))
+
+
 def _check_select(sel) -> None:
   """config.select: the zero-shot protocol's candidates."""
   from ddm_ood import features, synthetic  # pylint: disable=g-import-not-at-top
-  bad = [a for a in sel.aggregations if a not in features.AGGREGATIONS]
-  if bad or not sel.aggregations:
-    raise WorkdirError(f'config.select.aggregations={tuple(sel.aggregations)} must be a non-empty '
-                       f'subset of {features.AGGREGATIONS}.')
+  _check_subset('select.aggregations', sel.aggregations, features.AGGREGATIONS)
   if not sel.t_min_fractions or any(not 0 <= f < 1 for f in sel.t_min_fractions):
     raise WorkdirError(f'config.select.t_min_fractions={tuple(sel.t_min_fractions)} must be '
                        'fractions of T in [0, 1), e.g. (0.0, 0.1, 0.2).')
-  bad = [c for c in sel.corruptions if c not in synthetic.CORRUPTIONS]
-  if bad or not sel.corruptions:
-    raise WorkdirError(f'config.select.corruptions has unknown or no entries {bad}; choose from '
-                       f'{synthetic.CORRUPTIONS}.')
+  _check_subset('select.corruptions', sel.corruptions, synthetic.CORRUPTIONS)
   if int(sel.num_val) < 10:
     raise WorkdirError(f'config.select.num_val={sel.num_val}: the zero-shot selection needs at '
                        'least 10 held-out ID-train images per ID set.')

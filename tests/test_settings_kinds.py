@@ -114,3 +114,43 @@ def test_load_config_fills_fields_an_older_workdir_lacks(tmp_path):
   assert back.scorer.t_min == full.scorer.t_min and back.model.norm_eps == full.model.norm_eps
   assert back.scorer.num_draws == 3
   assert back.select.to_dict().keys() == full.select.to_dict().keys()
+
+
+def test_every_core_entry_checks_inputs_the_same_way():
+  """The UNet, the scorer and the anomaly map share one input check (`ddm_ood.inputs`)."""
+  import jax
+  import jax.numpy as jnp
+  from ddm_ood import schedule as schedule_lib
+  from ddm_ood.unet import UNet
+  model = UNet(channels=1, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
+               num_heads=1, dropout=0.0, num_groups=4)
+  sched = schedule_lib.make_schedule('cosine', 100)
+  apply_fn = lambda p, x, t: model.apply(p, x, t, train=False)  # noqa: E731
+  cfg = {'num_steps': 4}
+  ints = jnp.zeros((2, 8, 8, 1), jnp.int32)
+  ids = jnp.arange(2)
+  with pytest.raises(ValueError, match=r'^UNet: images must be float in \[-1, 1\], got dtype int32'):
+    model.init(jax.random.key(0), ints, jnp.zeros((2,), jnp.int32))
+  with pytest.raises(ValueError, match=r'^scorer: images must be float'):
+    scorer.make_trajectory_scorer(apply_fn, sched, cfg)(None, ints, ids, jax.random.key(0))
+  with pytest.raises(ValueError, match=r'^anomaly map: images must be float'):
+    pixel_maps.make_anomaly_map_fn(apply_fn, sched, cfg)(None, ints, ids, jax.random.key(0),
+                                                         jnp.ones(4))
+  with pytest.raises(ValueError, match=r'^scorer: images must have shape \[B, H, W, C\]'):
+    scorer.make_trajectory_scorer(apply_fn, sched, cfg)(None, ints[0].astype(float), ids,
+                                                        jax.random.key(0))
+  with pytest.raises(ValueError, match=r'^scorer: image_ids must be integers of shape \[B\]=\[2\]'):
+    scorer.make_trajectory_scorer(apply_fn, sched, cfg)(None, ints.astype(float), ids[:1],
+                                                        jax.random.key(0))
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('corruptions', ('blur', 'melt'), r"config.select.corruptions=\('blur', 'melt'\) must be a "
+                                      r"non-empty subset of \('patch_shuffle'.*; unknown: \['melt'\]"),
+    ('aggregations', (), r'config.select.aggregations=\(\) must be a non-empty subset'),
+])
+def test_select_section_is_validated(field, value, message):
+  cfg = default_config.get_config()
+  cfg.select[field] = value
+  with pytest.raises(workdir_lib.WorkdirError, match=message):
+    workdir_lib.validate_config(cfg, 'evaluate')
