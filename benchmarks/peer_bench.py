@@ -16,7 +16,9 @@ every core as host devices (`ddm_ood.cpu_devices`, ``DDM_OOD_CPU_DEVICES`` overr
 of both are checked to agree (max relative error, column-scaled, reported).
 
 Printed: images/s of both and their ratio (ddm_ood / DiffPath; the target is >= 1.0), the
-machine's float32 matmul GFLOP/s (numpy, 2048^2), the load average, torch / jax versions. Not a
+machine's float32 matmul GFLOP/s (numpy, 2048^2), the network's GFLOP per forward (XLA's cost
+analysis at batch 1) and the fraction of the matmul rate each scorer achieves (K forwards per
+image), the load average, torch / jax versions. Not a
 test; timings move with the machine and its load, so compare only the ratio of one run.
 """
 
@@ -142,6 +144,14 @@ def main(argv=None) -> None:
 
   ours_s, ours_f = timed(ours)
   peer_s, peer_f = timed(peer)
+  # Network FLOPs per image per step (XLA's count of one forward at batch 1); the scorer makes
+  # K = num_steps forwards per image, the peer the same.
+  one = jax.jit(lambda p, x, t: model.apply(p, x, t)).lower(
+      variables, images[:1], np.zeros((1,), np.int32)).compile().cost_analysis()
+  one = one[0] if isinstance(one, (list, tuple)) else one
+  forward_flops = float(one['flops'])
+  total_flops = forward_flops * int(config.scorer.num_steps) * args.batch
+  matmul = matmul_gflops()
   floor = 1e-3 * np.abs(peer_f).max(axis=0)
   rel = float(np.max(np.abs(ours_f - peer_f) / np.maximum(np.abs(peer_f), floor)))
   result = {
@@ -150,7 +160,10 @@ def main(argv=None) -> None:
       'ddm_ood_images_per_s': args.batch / ours_s, 'diffpath_images_per_s': args.batch / peer_s,
       'ratio_ddm_ood_over_diffpath': peer_s / ours_s,
       'ddm_ood_compile_s': compile_s, 'jax_devices': jax.device_count(), 'torch_threads': cores,
-      'features_max_rel_err': rel, 'matmul_gflops_per_s': matmul_gflops(),
+      'features_max_rel_err': rel, 'matmul_gflops_per_s': matmul,
+      'network_gflop_per_forward': forward_flops / 1e9,
+      'ddm_ood_fraction_of_matmul': total_flops / ours_s / 1e9 / matmul,
+      'diffpath_fraction_of_matmul': total_flops / peer_s / 1e9 / matmul,
       'loadavg': os.getloadavg(), 'torch_version': th.__version__,
       'jax_version': jax.__version__,
   }
