@@ -76,6 +76,8 @@ def main(argv):
   try:
     with workdir_lib.lock(workdir):
       workdir_lib.check_compatible(config, workdir)
+      if _MODE.value in ('train', 'all'):
+        workdir_lib.check_trainable(workdir)
       workdir_lib.save_config(config, workdir)  # only once the config has been accepted
       if _MODE.value in ('train', 'all'):
         from ddm_ood import train

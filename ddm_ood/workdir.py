@@ -363,7 +363,20 @@ def opened(config: ml_collections.ConfigDict, workdir: str, mode: str) -> Iterat
   validate_config(config, mode)
   with lock(workdir):
     check_compatible(config, workdir)
+    if mode in ('train', 'all'):
+      check_trainable(workdir)
     yield workdir
+
+
+def check_trainable(workdir: str) -> None:
+  """Refuses to train a workdir converted from a published checkpoint (no optimizer state)."""
+  from ddm_ood import checkpoint  # pylint: disable=g-import-not-at-top  # Orbax: only here
+  meta = checkpoint.read_latest_meta(workdir)
+  if meta and meta.get('converted_from'):
+    raise WorkdirError(
+        f'{workdir} holds a checkpoint converted from {meta["converted_from"]} (EMA parameters '
+        'only, no optimizer state): it can be evaluated and scored but not trained. Run '
+        '--mode=evaluate or --mode=score on it, or train in a new --workdir.')
 
 
 _held: dict[str, list] = {}  # workdir -> [file object, depth]: re-entrant within one process

@@ -244,11 +244,11 @@ def test_load_feature_fn_on_converted_workdir(converted, reference):
 
 
 def test_cli_refuses_existing_checkpoint_and_wrong_flags(converted, tmp_path):
-  before = sorted(os.listdir(converted))
+  before = sorted(set(os.listdir(converted)) - {'.lock'})
   proc = _run(['-m', 'ddm_ood.convert', f'--checkpoint={STATE_DICT}', f'--config={CONFIG}',
                '--config.model.ch=32', f'--workdir={converted}'])
   assert proc.returncode == 1 and 'already holds a checkpoint' in proc.stderr
-  assert sorted(os.listdir(converted)) == before
+  assert sorted(set(os.listdir(converted)) - {'.lock'}) == before
   wd = tmp_path / 'wrong'
   proc = _run(['-m', 'ddm_ood.convert', f'--checkpoint={STATE_DICT}', f'--config={CONFIG}',
                '--config.model.ch=32', '--config.model.num_res_blocks=2', f'--workdir={wd}'])
@@ -294,6 +294,21 @@ def test_evaluate_on_converted_workdir(converted, tmp_path):
   # equal results.json.
   res, _ = results_check.check_run_outputs(converted)
   assert {(r['n_id'], r['n_ood']) for r in res['rows']} == {(6, 6)}
+
+
+def test_training_a_converted_workdir_is_refused(converted):
+  """A converted workdir has EMA params only: training it fails with a clear error, untouched."""
+  from ddm_ood import train, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  before = sorted(set(os.listdir(converted)) - {'.lock'})
+  with pytest.raises(workdir_lib.WorkdirError,
+                     match=r'converted from .*diffpath_celeba_ch32_state_dict.npz .*--mode=evaluate'):
+    train.train(_config(ch=32), converted)
+  assert sorted(set(os.listdir(converted)) - {'.lock'}) == before
+  config_json = open(os.path.join(converted, 'config.json')).read()
+  proc = _run(['-m', 'ddm_ood.main', f'--config={CONFIG}', f'--workdir={converted}',
+               '--mode=all', '--config.model.ch=32', '--config.train.num_steps=7'])
+  assert proc.returncode != 0 and 'not trained' in proc.stderr and '--mode=evaluate' in proc.stderr
+  assert open(os.path.join(converted, 'config.json')).read() == config_json   # not overwritten
 
 
 def test_full_size_configs_match_the_published_networks():
