@@ -55,7 +55,8 @@ def import_graph() -> dict[str, set[str]]:
 
 def test_graph_sees_the_known_edges():
   g = import_graph()
-  assert 'scorer' in g['evaluate'] and 'schedule' in g['scorer'] and 'data' in g['workdir']
+  assert 'scorer' in g['evaluate'] and 'schedule' in g['scorer'] and 'data' in g['config_checks']
+  assert 'config_checks' in g['workdir']
   assert {'data', 'train', 'scorer', 'workdir'} <= set(g)
 
 

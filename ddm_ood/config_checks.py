@@ -1,0 +1,107 @@
+"""Cheap checks of a whole config and every named source, before a run writes anything.
+
+`validate_config` runs before JAX starts (``python -m ddm_ood.main``) and again when a run opens its
+workdir (`workdir.opened`): names, folders that exist and hold images (nothing is loaded), every
+field's range, so that a typo fails in seconds instead of after training. Errors are
+`WorkdirError`, one line each naming the field and what to do.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from ddm_ood import data as data_lib
+from ddm_ood import settings
+
+
+class WorkdirError(ValueError):
+  """A user-facing problem with the config or the workdir; the message says what to do."""
+
+
+class SourceError(WorkdirError, data_lib.DataError):
+  """A named data source that does not exist (also a `data.DataError`, as the loaders raise)."""
+
+
+def _check_source(name: Any, splits: tuple[str, ...], what: str) -> None:
+  try:
+    data_lib.check_source_name(name)
+    if isinstance(name, str) and name.startswith('folder:'):
+      for split in splits:  # lists files only: cheap, and an empty folder fails here
+        data_lib.folder_files(name[len('folder:'):], split)
+  except data_lib.DataError as e:
+    raise SourceError(f'{what}: {e}') from e
+
+
+def validate_config(config: ml_collections.ConfigDict, mode: str = 'all') -> None:
+  """Cheap checks of the whole config and every named source, before any work starts.
+
+  Args:
+    config: the full config.
+    mode: 'train', 'evaluate' or 'all' (evaluation settings are checked unless 'train'; training
+      settings unless 'evaluate').
+
+  Raises:
+    WorkdirError: the first problem found, naming the field and what to do.
+  """
+  from ddm_ood import scorer  # pylint: disable=g-import-not-at-top
+  d = config.data
+  if int(d.image_size) <= 0:
+    raise WorkdirError(f'config.data.image_size must be positive, got {d.image_size}.')
+  if int(d.channels) not in (1, 3):
+    raise WorkdirError(f'config.data.channels must be 1 (gray) or 3 (RGB), got {d.channels}.')
+  if config.diffusion.schedule not in ('cosine', 'linear'):
+    raise WorkdirError(f"Unknown config.diffusion.schedule {config.diffusion.schedule!r}; "
+                       "choose 'cosine' or 'linear'.")
+  if int(config.diffusion.num_timesteps) <= 0:
+    raise WorkdirError('config.diffusion.num_timesteps must be positive, got '
+                       f'{config.diffusion.num_timesteps}.')
+  if mode in ('train', 'all'):
+    tc = config.train
+    for field in ('num_steps', 'batch_size', 'log_every', 'checkpoint_every', 'keep_checkpoints'):
+      if int(tc[field]) <= 0:
+        raise WorkdirError(f'config.train.{field} must be a positive integer, got {tc[field]}.')
+    _check_source(d.dataset, ('train',), 'config.data.dataset')
+  if mode in ('evaluate', 'all'):
+    ev = config.eval
+    unknown = sorted(set(ev.feature_kinds) - set(scorer.FEATURE_KINDS))
+    if unknown or not ev.feature_kinds:
+      raise WorkdirError(f'Unknown or no feature kind(s) {unknown} in config.eval.feature_kinds; '
+                         f'choose from {scorer.FEATURE_KINDS}.')
+    if not ev.id_datasets:
+      raise WorkdirError('config.eval.id_datasets is empty; name at least one ID set.')
+    for name in ev.id_datasets:
+      _check_source(name, ('train', 'test'), 'config.eval.id_datasets')
+    for name in ev.ood_datasets:
+      _check_source(name, ('test',), 'config.eval.ood_datasets')
+    try:
+      settings.scorer(config.scorer)
+    except ValueError as e:
+      raise WorkdirError(str(e)) from e
+    _check_select(config.select)
+
+
+def _check_subset(field: str, values, allowed) -> None:
+  bad = [v for v in values if v not in allowed]
+  if bad or not values:
+    raise WorkdirError(f'config.{field}={tuple(values)} must be a non-empty subset of {allowed}'
+                       + (f'; unknown: {bad}.' if bad else '.'))
+
+
+def _check_select(sel) -> None:
+  """config.select: the zero-shot protocol's candidates."""
+  from ddm_ood import features, synthetic  # pylint: disable=g-import-not-at-top
+  _check_subset('select.aggregations', sel.aggregations, features.AGGREGATIONS)
+  if not sel.t_min_fractions or any(not 0 <= f < 1 for f in sel.t_min_fractions):
+    raise WorkdirError(f'config.select.t_min_fractions={tuple(sel.t_min_fractions)} must be '
+                       'fractions of T in [0, 1), e.g. (0.0, 0.1, 0.2).')
+  _check_subset('select.corruptions', sel.corruptions, synthetic.CORRUPTIONS)
+  if int(sel.num_val) < 10:
+    raise WorkdirError(f'config.select.num_val={sel.num_val}: the zero-shot selection needs at '
+                       'least 10 held-out ID-train images per ID set.')
+  if int(sel.localisation_images) < 0:
+    raise WorkdirError('config.select.localisation_images must be >= 0 (0 = off).')
+
+
+__all__ = ['WorkdirError', 'SourceError', 'validate_config']
