@@ -182,8 +182,9 @@ def test_features_are_cached(workdir):
 
 def test_evaluation_writes_tensorboard_scalars(workdir):
   """Evaluate mode writes its AUROCs as TensorBoard scalars (clu) next to training's."""
-  import glob
-  from tensorboard.backend.event_processing import event_accumulator
+  import glob  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
   res = json.load(open(os.path.join(workdir, 'eval', 'results.json')))
   files = glob.glob(os.path.join(workdir, 'eval', 'events.out.tfevents.*'))
   assert files, os.listdir(os.path.join(workdir, 'eval'))
@@ -194,7 +195,7 @@ def test_evaluation_writes_tensorboard_scalars(workdir):
   def value(tag):
     if tag in acc.Tags().get('scalars', []):
       return acc.Scalars(tag)[-1].value
-    return float(np.asarray(__import__('tensorflow').make_ndarray(acc.Tensors(tag)[-1].tensor_proto)))
+    return float(np.asarray(tf.make_ndarray(acc.Tensors(tag)[-1].tensor_proto)))
   for kind, avg in res['averages'].items():
     tag = f'eval/average_auroc/{kind}'
     assert tag in tags, (tag, tags[:5])
