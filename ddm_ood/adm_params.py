@@ -1,4 +1,4 @@
-"""improved-diffusion (ADM) ``UNetModel`` state dict -> ddm_ood `UNet` params: the name and layout map.
+"""improved-diffusion (ADM) `UNetModel` state dict -> ddm_ood `UNet` params: names and layouts.
 
 Tensor layouts: Conv2d ``[O, I, kh, kw]`` -> flax ``[kh, kw, I, O]``; Linear ``[O, I]`` and the
 attention's 1x1 Conv1d ``[O, I, 1]`` -> Dense ``[I, O]``; GroupNorm weight -> scale. The attention's

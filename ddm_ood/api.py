@@ -235,8 +235,8 @@ def build_anomaly_map_fn(config: ml_collections.ConfigDict, apply_fn: Callable,
   """
   if output not in ANOMALY_MAP_OUTPUTS:
     raise ValueError(f'output={output!r} is not one of {ANOMALY_MAP_OUTPUTS}.')
-  weights = jnp.asarray(pixel_maps.anomaly_map_weights(schedule.num_timesteps, config.scorer, kind,
-                                                   timestep_weights))
+  weights = jnp.asarray(pixel_maps.anomaly_map_weights(schedule.num_timesteps, config.scorer,
+                                                       kind, timestep_weights))
   map_fn = jax.jit(pixel_maps.make_anomaly_map_fn(apply_fn, schedule, config.scorer, kind))
   batch = max(1, int(settings.section(config.scorer, 'scorer')['batch_size']))
 

@@ -305,7 +305,7 @@ def _run_suite(config, workdir, print_table, make_report):
       f = fitted_all[id_name][method]
       info = dict(f.detector.info, setting=f.setting)
       workdir_lib.save_detector(dataclasses.replace(f.detector, info=info),
-                             detector_path(workdir, id_name, method))
+                                detector_path(workdir, id_name, method))
       detectors_info[id_name][method] = f.detector.info
       settings[id_name][method] = dict(setting=f.setting, selection=f.selection)
       s_id = protocol.method_scores(f, method, id_test)

@@ -147,5 +147,5 @@ def timestep_weights(reducer: Reducer, num_steps: int) -> np.ndarray:
   return np.abs(w[3 * np.arange(num_steps) + 1]).sum(axis=1).astype(np.float32)
 
 
-__all__ = ['DRAWS', 'draw_stats', 'AGGREGATIONS', 'Reducer', 'num_stats', 'flatten_stats', 'window_columns',
-           'fit_reducer', 'reduce', 'timestep_weights']
+__all__ = ['DRAWS', 'draw_stats', 'AGGREGATIONS', 'Reducer', 'num_stats', 'flatten_stats',
+           'window_columns', 'fit_reducer', 'reduce', 'timestep_weights']

@@ -74,10 +74,7 @@ def main(argv):
   from ddm_ood import checkpoint
   from ddm_ood import data
   try:
-    with workdir_lib.lock(workdir):
-      workdir_lib.check_compatible(config, workdir)
-      if _MODE.value in ('train', 'all'):
-        workdir_lib.check_trainable(workdir)
+    with workdir_lib.held(config, workdir, _MODE.value):
       workdir_lib.save_config(config, workdir)  # only once the config has been accepted
       if _MODE.value in ('train', 'all'):
         from ddm_ood import train

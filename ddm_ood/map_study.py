@@ -22,6 +22,11 @@ from ddm_ood import scorer
 from ddm_ood import sharding
 
 
+def _apply_fn(extractor):
+  """The extractor's eval-mode network ``(params, x_t, t) -> eps_theta``."""
+  return lambda p, x, t: extractor.model.apply(p, x, t)
+
+
 def localisation_study(config, extractor, id_name: str, reducer,
                        baseline_reducer=None) -> dict:
   """Pixel AUROC of finding OOD patches pasted into ID-test images, anomaly map vs baseline map.
@@ -44,8 +49,8 @@ def localisation_study(config, extractor, id_name: str, reducer,
                   features_lib.timestep_weights(baseline_reducer, k))
 
   def maps_of(kind, w):
-    map_fn = jax.jit(pixel_maps.make_anomaly_map_fn(lambda p, x, t: extractor.model.apply(p, x, t),
-                                                extractor.schedule, config.scorer, kind))
+    map_fn = jax.jit(pixel_maps.make_anomaly_map_fn(_apply_fn(extractor), extractor.schedule,
+                                                    config.scorer, kind))
     ids, bs, outs = np.asarray(scorer.content_ids(pasted)), 50, []
     for i in range(0, len(pasted), bs):
       x, mask = sharding.pad_to_multiple(pasted[i:i + bs], bs)
@@ -71,7 +76,7 @@ def localisation_study(config, extractor, id_name: str, reducer,
 def example_maps_fn(config, extractor, fitted: dict):
   """``(images, ids) -> maps`` for the report: `pixel_maps.trajectory_maps` plus the anomaly map of
   the first ID set's zero-shot detector (its per-timestep weights)."""
-  apply_fn = lambda p, x, t: extractor.model.apply(p, x, t)
+  apply_fn = _apply_fn(extractor)
   seed = fitted.get(protocol.SEED_KIND)
   k = int(config.scorer.num_steps)
   weights = (features_lib.timestep_weights(seed.detector.reducer, k)
@@ -79,8 +84,8 @@ def example_maps_fn(config, extractor, fitted: dict):
   map_fn = jax.jit(pixel_maps.make_anomaly_map_fn(apply_fn, extractor.schedule, config.scorer))
 
   def example_maps(images, ids):
-    out = pixel_maps.trajectory_maps(apply_fn, extractor.schedule, config.scorer, extractor.params,
-                                 images, ids, extractor.key)
+    out = pixel_maps.trajectory_maps(apply_fn, extractor.schedule, config.scorer,
+                                     extractor.params, images, ids, extractor.key)
     out['anomaly_map'] = np.asarray(map_fn(extractor.params, jnp.asarray(images, jnp.float32),
                                            jnp.asarray(ids, jnp.int32), extractor.key,
                                            jnp.asarray(weights))['map'])

@@ -113,15 +113,13 @@ def section(cfg, name: str) -> dict:
   return {**_defaults(name), **_as_dict(cfg)}
 
 
-def _parse(cls, section_name: str, cfg):
+def _parse(cls, name: str, cfg):
   if isinstance(cfg, cls):
     return cfg
-  given = _as_dict(cfg)
-  section = section_name
+  given, defaults = section(cfg, name), _defaults(name)
   values = {}
   for field in dataclasses.fields(cls):
-    default = _defaults(section)[field.name]
-    value = given.get(field.name, default)
+    default, value = defaults[field.name], given[field.name]
     if isinstance(default, (tuple, list)):
       value = tuple(value)
     elif isinstance(default, bool):

@@ -269,16 +269,26 @@ def check_compatible(config: ml_collections.ConfigDict, workdir: str) -> None:
 def opened(config: ml_collections.ConfigDict, workdir: str, mode: str) -> Iterator[str]:
   """The guarded start of a run on ``workdir``; yields the absolute workdir.
 
-  Checks the path and the config for ``mode`` ('train', 'evaluate', 'all'), then holds the
-  `lock` and checks that the config's network fields match the checkpoint's (`check_compatible`).
+  Checks the path and the config for ``mode`` ('train', 'evaluate', 'all'), then `held`.
   """
   workdir = check_workdir_path(workdir)
   validate_config(config, mode)
+  with held(config, workdir, mode):
+    yield workdir
+
+
+@contextlib.contextmanager
+def held(config: ml_collections.ConfigDict, workdir: str, mode: str) -> Iterator[None]:
+  """Holds the `lock` of ``workdir`` and checks its checkpoint against ``config``.
+
+  The network fields must match the checkpoint's (`check_compatible`); for ``mode`` 'train' or
+  'all' the checkpoint must be trainable (`check_trainable`).
+  """
   with lock(workdir):
     check_compatible(config, workdir)
     if mode in ('train', 'all'):
       check_trainable(workdir)
-    yield workdir
+    yield
 
 
 def check_trainable(workdir: str) -> None:

@@ -95,7 +95,8 @@ def _load_digits(split, cfg, max_examples, seed):
 def _lfw_loader(faces: bool):
   def load(split, cfg, max_examples, seed):
     del cfg, seed
-    x = require('skimage.data', "Sources 'lfw_faces'/'lfw_nonfaces'", 'scikit-image').lfw_subset()  # [200, 25, 25] in 0..1: first 100 faces, last 100 non-faces
+    skdata = require('skimage.data', "Sources 'lfw_faces'/'lfw_nonfaces'", 'scikit-image')
+    x = skdata.lfw_subset()  # [200, 25, 25] in 0..1: first 100 faces, last 100 non-faces
     x = x[:100] if faces else x[100:]
     idx = splits.split_indices(len(x), split, 0.5)
     idx = idx[:splits.limit(len(idx), max_examples)]
