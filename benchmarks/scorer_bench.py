@@ -13,10 +13,10 @@
   FLOP/s (jitted 2048 x 2048 and numpy), and the UNet forward (64 x 28 x 28 x 1) under several
   XLA CPU flags, each run in a fresh subprocess, checked for equal outputs.
 
-``--compare_devices``: instead of the above, the scorer sharded over the ('data',) mesh of
-``DDM_OOD_CPU_DEVICES=1`` and of every core (`ddm_ood.cpu_devices`), each in a fresh subprocess of
-this one run: images/s, core usage ((user + sys CPU time) / wall), achieved GFLOP/s and the
-speed-up, features checked equal.
+``--compare_devices``: instead of the above, the scorer sharded over the ('data',) mesh in the
+three set-ups of `core_modes` (pinned to one core; one device on every core; one device per core,
+`ddm_ood.cpu_devices`), each in a fresh subprocess of this one run: images/s, core usage
+((user + sys CPU time) / wall), achieved GFLOP/s and the speed-ups, features checked equal.
 
 Not a test: timings depend on the machine and its load (reported as ``loadavg``).
 """
@@ -38,6 +38,8 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+
+import core_modes  # noqa: E402
 
 
 def load_config(path):
@@ -181,36 +183,32 @@ def devices_child(args, out_npy):
   # The SPMD executable's cost analysis is per device, and counts a lax.map (while) body once.
   flops = flops_of(compiled) * n_dev * (b // scfg.chunk if scfg.chunk else 1)
   np.save(out_npy, np.asarray(out['features']['stein_ssim']))
+  mm = core_modes.matmul_gflops_per_s()
   print(json.dumps({'devices': n_dev, 'batch': b, 'chunk': scfg.chunk,
                     'images_per_s': b / sec, 'core_usage': cpu / (sec * reps),
-                    'gflops_per_s': flops / sec / 1e9}))
+                    'gflops_per_s': flops / sec / 1e9, 'matmul_2048_gflops_per_s': mm,
+                    'fraction_of_matmul': flops / sec / 1e9 / mm}))
 
 
 def compare_devices(args):
-  """Runs `devices_child` with 1 device and with every core; prints both and the speed-up."""
-  from ddm_ood import cpu_devices
-  cores = cpu_devices.available_cores()
-  runs, feats = {}, {}
-  for n in (1, cores):
-    out_npy = f'/tmp/scorer_bench_devices_{os.getpid()}_{n}.npy'
-    env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-    env.update(DDM_OOD_CPU_DEVICES=str(n), JAX_PLATFORMS='cpu')
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), '--config', args.config,
-                           '--batches', args.batches, '--chunks', args.chunks,
-                           '--num_steps', str(args.num_steps), '--devices_child', out_npy],
-                          env=env, capture_output=True, text=True)
-    if proc.returncode:
-      raise RuntimeError(f'scorer_bench with {n} device(s) failed:\n{proc.stderr[-3000:]}')
-    runs[n] = json.loads(proc.stdout.strip().splitlines()[-1])
-    feats[n] = np.load(out_npy)
+  """Runs `devices_child` on one core, one device and all cores; prints them and the speed-ups."""
+  out_npy = f'/tmp/scorer_bench_devices_{os.getpid()}.npy'
+  feats = []
+
+  def parse(stdout):
+    feats.append(np.load(out_npy))
     os.remove(out_npy)
-  ref = feats[1]
+    return json.loads(stdout.strip().splitlines()[-1])
+
+  result = core_modes.run_modes(
+      [sys.executable, os.path.abspath(__file__), '--config', args.config, '--batches',
+       args.batches, '--chunks', args.chunks, '--num_steps', str(args.num_steps),
+       '--devices_child', out_npy], parse, 'images_per_s', 'scorer_bench', args.rounds)
+  ref = feats[0]
   print(json.dumps({
-      'config': os.path.relpath(args.config, ROOT), 'cores': cores, 'one_device': runs[1],
-      'all_cores': runs[cores],
-      'speedup_all_cores_vs_one': runs[cores]['images_per_s'] / runs[1]['images_per_s'],
-      'features_max_rel_diff': float(np.max(np.abs(feats[cores] - ref) / np.abs(ref).max(0))),
-      'loadavg': os.getloadavg()[0]}, indent=1))
+      'config': os.path.relpath(args.config, ROOT), **result,
+      'features_max_rel_diff': max(float(np.max(np.abs(f - ref) / np.abs(ref).max(0)))
+                                   for f in feats[1:])}, indent=1))
 
 
 def main():
@@ -223,7 +221,10 @@ def main():
                       help='also time the scorer with these config.scorer.chunk values')
   parser.add_argument('--unet_child', default='')
   parser.add_argument('--compare_devices', action='store_true',
-                      help='1 CPU device vs every core, sharded (uses the first batch and chunk)')
+                      help='one core vs one device vs every core, sharded (uses the first batch '
+                      'and chunk)')
+  parser.add_argument('--rounds', type=int, default=1,
+                      help='with --compare_devices: interleaved runs per set-up (median compared)')
   parser.add_argument('--devices_child', default='')
   args = parser.parse_args()
   if not os.path.exists(args.config):

@@ -1,7 +1,7 @@
 """Throughput of the training step: prints one JSON line.
 
   python benchmarks/train_bench.py [--config=configs/fashion_mnist.py] [--steps=20]
-      [--config.model.ch=16 ...] [--compare_devices]
+      [--config.model.ch=16 ...] [--compare_devices [--rounds=3]]
 
 Reports steps/s after compilation over ``--steps`` steps on synthetic data, the compile time,
 the parameter count, peak memory (device memory stats if the backend has them, else the
@@ -11,8 +11,9 @@ jitted 2048 x 2048 float32 matmul measured in the same process.
 
 Like ``main``, it exposes every core as a CPU device unless told otherwise (`ddm_ood.cpu_devices`:
 ``DDM_OOD_CPU_DEVICES=N``, 1 = off, or an explicit ``XLA_FLAGS`` device count).
-``--compare_devices`` runs itself twice in fresh subprocesses, with ``DDM_OOD_CPU_DEVICES=1`` and
-with all cores, and prints both results and the speed-up measured in this one run. Not a test.
+``--compare_devices`` runs itself three times in fresh subprocesses (`core_modes`: pinned to one
+core, one device on every core, one device per core) and prints the results and the speed-ups
+measured in this one run. Not a test.
 """
 
 import json
@@ -26,10 +27,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 import jax
-import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
+import core_modes  # pylint: disable=g-bad-import-order
 from ddm_ood import cpu_devices
 from ddm_ood import schedule as schedule_lib
 from ddm_ood import sharding
@@ -42,7 +43,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps after compilation.')
 _COMPARE = flags.DEFINE_bool('compare_devices', False,
-                             'Run 1 CPU device and all cores in subprocesses; print the ratio.')
+                             'Run one core, one device and all cores in subprocesses; print the ratios.')
+_ROUNDS = flags.DEFINE_integer('rounds', 1, 'With --compare_devices: interleaved runs per set-up '
+                               '(the median is compared).')
 
 
 def _peak_memory() -> dict:
@@ -57,17 +60,6 @@ def _peak_memory() -> dict:
   return {'peak_memory_bytes': int(rss_kib) * 1024, 'memory_source': 'process_max_rss'}
 
 
-def matmul_gflops_per_s(n: int = 2048, reps: int = 5) -> float:
-  """float32 GFLOP/s of a jitted n x n matmul on the default device."""
-  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
-  mm = jax.jit(lambda a: a @ a)
-  jax.block_until_ready(mm(a))
-  t = time.perf_counter()
-  for _ in range(reps):
-    jax.block_until_ready(mm(a))
-  return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
-
-
 def compiled_flops(compiled, num_devices: int) -> float:
   """FLOPs of one call of a compiled (SPMD, per-device) executable, summed over devices."""
   ca = compiled.cost_analysis()
@@ -77,24 +69,13 @@ def compiled_flops(compiled, num_devices: int) -> float:
 
 
 def compare_devices(argv) -> None:
-  """Runs this benchmark with 1 CPU device and with all cores; prints both and the ratio."""
-  import subprocess  # pylint: disable=g-import-not-at-top
+  """Runs this benchmark on one core, one device and all cores; prints all three and ratios."""
   del argv  # absl keeps only positional arguments there; the flags are in sys.argv
-  cores = cpu_devices.available_cores()
-  runs = {}
-  for n in (1, cores):
-    env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-    env.update(DDM_OOD_CPU_DEVICES=str(n), JAX_PLATFORMS='cpu')
-    args = [a for a in sys.argv[1:] if not a.startswith('--compare_devices')]
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), *args], env=env,
-                          capture_output=True, text=True, check=False)
-    if proc.returncode:
-      raise RuntimeError(f'train_bench with {n} device(s) failed:\n{proc.stderr[-3000:]}')
-    runs[n] = json.loads(proc.stdout.strip().splitlines()[-1])
-  one, all_ = runs[1], runs[cores]
-  print(json.dumps({'cores': cores, 'one_device': one, 'all_cores': all_,
-                    'speedup_all_cores_vs_one': all_['steps_per_sec'] / one['steps_per_sec'],
-                    'loadavg': os.getloadavg()[0]}))
+  args = [a for a in sys.argv[1:] if not a.startswith(('--compare_devices', '--rounds'))]
+  print(json.dumps(core_modes.run_modes(
+      [sys.executable, os.path.abspath(__file__), *args],
+      lambda out: json.loads(out.strip().splitlines()[-1]), 'steps_per_sec', 'train_bench',
+      _ROUNDS.value)))
 
 
 def main(argv):
@@ -128,7 +109,7 @@ def main(argv):
   elapsed = time.perf_counter() - t0
   r1 = resource.getrusage(resource.RUSAGE_SELF)
   cpu_s = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
-  mm = matmul_gflops_per_s()
+  mm = core_modes.matmul_gflops_per_s()
   print(json.dumps({
       'steps_per_sec': _STEPS.value / elapsed,
       'sec_per_step': elapsed / _STEPS.value,
