@@ -78,11 +78,13 @@ def compare_devices(argv) -> None:
       _ROUNDS.value)))
 
 
-def main(argv):
-  if _COMPARE.value:
-    return compare_devices(argv)
-  cpu_devices.configure(divides=(_CONFIG.value.train.batch_size,))
-  config = _CONFIG.value
+def train_setup(config):
+  """The jitted train step of ``config`` on the ('data',) mesh of every device.
+
+  Returns:
+    ``(step_fn, state, batches)``: the step (donates its state), the initial replicated state and
+    two sharded synthetic batches [batch_size, H, W, C] to alternate between.
+  """
   tc = config.train
   mesh = sharding.data_mesh()
   model = unet.build_model(config)
@@ -97,6 +99,17 @@ def main(argv):
   batches = [sharding.global_batch_from_local(
       rng.uniform(-1, 1, (train.check_batch_size(tc.batch_size), size, size, ch)).astype(
           np.float32), mesh) for _ in range(2)]
+  return step_fn, state, batches
+
+
+def main(argv):
+  if _COMPARE.value:
+    return compare_devices(argv)
+  cpu_devices.configure(divides=(_CONFIG.value.train.batch_size,))
+  config = _CONFIG.value
+  tc = config.train
+  size, ch = config.data.image_size, config.data.channels
+  step_fn, state, batches = train_setup(config)
   t0 = time.perf_counter()
   state, metrics = step_fn(state, batches[0])
   jax.block_until_ready(metrics)
