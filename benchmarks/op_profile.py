@@ -128,8 +128,11 @@ def summarise(trace_dir: str, calls: int, hlo_text: str, top: int = 15) -> dict:
         prim[op.rsplit('/', 1)[-1].strip('()') or '(no metadata)'] += ms
         layer[_layer(op) if op else '(no metadata)'] += ms
   total = sum(kind.values())
-  table = lambda c: [{'name': n, 'ms': round(v, 3), 'percent': round(100 * v / total, 1)}  # noqa: E731
-                     for n, v in c.most_common(top)]
+
+  def table(c):
+    return [{'name': n, 'ms': round(v, 3), 'percent': round(100 * v / total, 1)}
+            for n, v in c.most_common(top)]
+
   return {'op_ms_per_call_summed_over_threads': total,
           'by_fusion_kind': [dict(r, per_call=round(count[r['name']])) for r in table(kind)],
           'by_primitive': table(prim), 'by_layer': table(layer)}
@@ -154,11 +157,12 @@ def main():
     config = scorer_bench.load_config(args.config)
     config.train.batch_size = args.batch
     step_fn, state, batches = train_bench.train_setup(config)
-    hlo = step_fn.lower(state, batches[0]).compile().as_text()
+    compiled = step_fn.lower(state, batches[0]).compile()
+    hlo = compiled.as_text()
     carry = [state]
 
     def call():
-      carry[0], metrics = step_fn(carry[0], batches[0])
+      carry[0], metrics = compiled(carry[0], batches[0])
       return metrics
   else:
     from ddm_ood import scorer as scorer_lib  # pylint: disable=g-import-not-at-top

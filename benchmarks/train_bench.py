@@ -42,8 +42,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     'config', os.path.join(_ROOT, 'configs', 'fashion_mnist.py'), 'Config file.',
     lock_config=True)
 _STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps after compilation.')
-_COMPARE = flags.DEFINE_bool('compare_devices', False,
-                             'Run one core, one device and all cores in subprocesses; print the ratios.')
+_COMPARE = flags.DEFINE_bool(
+    'compare_devices', False,
+    'Run one core, one device and all cores in subprocesses; print the ratios.')
 _ROUNDS = flags.DEFINE_integer('rounds', 1, 'With --compare_devices: interleaved runs per set-up '
                                '(the median is compared).')
 
