@@ -6,7 +6,8 @@ The CelebA-size train step spends ~40% of its op time in XLA's weight-gradient c
 (``op_profile.py``; README). XLA computes dW as a convolution of the input with the output
 gradient as the kernel: a window the size of the feature map over only B input features. This
 benchmark times, for the UNets' convolution shapes [B, H, W, C_in] -> C_out (kernel k x k, SAME,
-stride 1), the weight gradient ``jax.vjp(conv, w)`` three ways, after checking that they agree:
+stride 1), the weight gradient ``jax.vjp(conv, w)`` three ways (each also as a fraction of the
+``core_modes`` matmul rate measured in the same run), after checking that they agree:
 
 * ``xla``: ``lax.conv_general_dilated``'s own gradient;
 * ``taps``: one [C_in, B*H*W] x [B*H*W, C_out] matmul per kernel tap over a strided slice of the
@@ -22,8 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import core_modes  # noqa: E402  pylint: disable=g-import-not-at-top
 import jax
 from jax import lax
 import jax.numpy as jnp
@@ -92,8 +97,13 @@ def main():
       row[f'{method}_ms'] = best * 1e3
       row[f'{method}_gflops_per_s'] = flops / best / 1e9
     rows.append(row)
+  mm = core_modes.matmul_gflops_per_s()
+  for row in rows:
+    for method in ('xla', 'taps', 'im2col'):
+      row[f'{method}_fraction_of_matmul'] = row[f'{method}_gflops_per_s'] / mm
   print(json.dumps({'backend': jax.default_backend(), 'devices': jax.device_count(),
-                    'loadavg': os.getloadavg()[0], 'rows': rows}))
+                    'matmul_2048_gflops_per_s': mm, 'loadavg': os.getloadavg()[0],
+                    'rows': rows}))
 
 
 if __name__ == '__main__':
