@@ -4,7 +4,10 @@
   for "all cores vs one";
 * ``one_device``: one JAX device, every core allowed (XLA's thunk executor and intra-op threads
   already spread one device's ops over the cores);
-* ``all_cores``: one JAX device per core (`ddm_ood.cpu_devices`, the default of ``main``).
+* ``all_cores``: one JAX device per core (`ddm_ood.cpu_devices`, the default of ``main``);
+* ``all_cores_system_malloc``: as ``all_cores`` but on glibc malloc (``DDM_OOD_MALLOC=system``);
+  the other modes run on tcmalloc where it is installed (`ddm_ood.host_malloc`, the default of
+  ``main``), so this mode's ratio is what the allocator gives.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import time
 from typing import Callable, Sequence
 
 
-MODES = ('one_core', 'one_device', 'all_cores')
+MODES = ('one_core', 'one_device', 'all_cores', 'all_cores_system_malloc')
 
 
 def matmul_gflops_per_s(n: int = 2048, reps: int = 5) -> float:
@@ -49,17 +52,23 @@ def run_modes(argv: Sequence[str], parse: Callable[[str], dict], rate_key: str, 
     rounds: how many times each mode runs.
 
   Returns:
-    ``{'cores', 'rounds', 'one_core', 'one_device', 'all_cores'`` (each mode's median run, with
-    ``rates``: every round's figure), ``'speedup_all_cores_vs_one_core',
-    'speedup_all_cores_vs_one_device', 'loadavg'}``.
+    ``{'cores', 'rounds', 'one_core', 'one_device', 'all_cores', 'all_cores_system_malloc'``
+    (each mode's median run, with ``rates``: every round's figure),
+    ``'speedup_all_cores_vs_one_core', 'speedup_all_cores_vs_one_device',
+    'speedup_tcmalloc_vs_system_malloc', 'loadavg'}``.
   """
+  from ddm_ood.host_malloc import ACTIVE_ENV_VAR  # pylint: disable=g-import-not-at-top
   allowed = sorted(os.sched_getaffinity(0))
   runs = {m: [] for m in MODES}
   for _ in range(max(int(rounds), 1)):
     for mode in MODES:
-      env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-      env.update(DDM_OOD_CPU_DEVICES=str(len(allowed) if mode == 'all_cores' else 1),
+      env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', ACTIVE_ENV_VAR)}
+      if os.environ.get(ACTIVE_ENV_VAR):  # this process was re-executed: each child chooses anew
+        env['LD_PRELOAD'] = env.get('LD_PRELOAD', '').replace(os.environ[ACTIVE_ENV_VAR], '')
+      env.update(DDM_OOD_CPU_DEVICES=str(len(allowed) if mode.startswith('all_cores') else 1),
                  JAX_PLATFORMS='cpu')
+      if mode == 'all_cores_system_malloc':
+        env['DDM_OOD_MALLOC'] = 'system'
       pin = (lambda: os.sched_setaffinity(0, {allowed[0]})) if mode == 'one_core' else None
       proc = subprocess.run(list(argv), env=env, preexec_fn=pin, capture_output=True,
                             text=True, check=False)
@@ -74,4 +83,5 @@ def run_modes(argv: Sequence[str], parse: Callable[[str], dict], rate_key: str, 
   return {'cores': len(allowed), 'rounds': len(runs['one_core']), **median,
           'speedup_all_cores_vs_one_core': rate['all_cores'] / rate['one_core'],
           'speedup_all_cores_vs_one_device': rate['all_cores'] / rate['one_device'],
+          'speedup_tcmalloc_vs_system_malloc': rate['all_cores'] / rate['all_cores_system_malloc'],
           'loadavg': os.getloadavg()[0]}

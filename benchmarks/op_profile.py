@@ -191,9 +191,12 @@ def main():
     jax.block_until_ready(out)
   print(json.dumps({'what': args.what, 'config': os.path.relpath(args.config, ROOT),
                     'batch': args.batch, 'devices': jax.device_count(),
+                    'malloc': os.environ.get('DDM_OOD_MALLOC_ACTIVE') or 'system',
                     'ms_per_call_untraced': ms, 'trace_dir': args.trace_dir,
                     **summarise(args.trace_dir, args.calls, hlo)}, indent=1))
 
 
 if __name__ == '__main__':
+  from ddm_ood import host_malloc
+  host_malloc.maybe_reexec()
   main()

@@ -166,6 +166,7 @@ def main(argv=None) -> None:
       'diffpath_fraction_of_matmul': total_flops / peer_s / 1e9 / matmul,
       'loadavg': os.getloadavg(), 'torch_version': th.__version__,
       'jax_version': jax.__version__,
+      'malloc': os.environ.get('DDM_OOD_MALLOC_ACTIVE') or 'system',  # both scorers share it
   }
   print(json.dumps(result, indent=1))
   if rel > 1e-2:
@@ -173,4 +174,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == '__main__':
+  from ddm_ood import host_malloc
+  host_malloc.maybe_reexec()
   main()

@@ -14,8 +14,8 @@
   XLA CPU flags, each run in a fresh subprocess, checked for equal outputs.
 
 ``--compare_devices``: instead of the above, the scorer sharded over the ('data',) mesh in the
-three set-ups of `core_modes` (pinned to one core; one device on every core; one device per core,
-`ddm_ood.cpu_devices`), each in a fresh subprocess of this one run: images/s, core usage
+four set-ups of `core_modes` (pinned to one core; one device on every core; one device per core,
+`ddm_ood.cpu_devices`; the same on glibc malloc instead of tcmalloc), each in a fresh subprocess of this one run: images/s, core usage
 ((user + sys CPU time) / wall), achieved GFLOP/s and the speed-ups, features checked equal.
 
 Not a test: timings depend on the machine and its load (reported as ``loadavg``).
@@ -184,7 +184,9 @@ def devices_child(args, out_npy):
   flops = flops_of(compiled) * n_dev * (b // scfg.chunk if scfg.chunk else 1)
   np.save(out_npy, np.asarray(out['features']['stein_ssim']))
   mm = core_modes.matmul_gflops_per_s()
+  from ddm_ood import host_malloc
   print(json.dumps({'devices': n_dev, 'batch': b, 'chunk': scfg.chunk,
+                    'malloc': host_malloc.active() or 'system',
                     'images_per_s': b / sec, 'core_usage': cpu / (sec * reps),
                     'gflops_per_s': flops / sec / 1e9, 'matmul_2048_gflops_per_s': mm,
                     'fraction_of_matmul': flops / sec / 1e9 / mm}))
@@ -236,6 +238,7 @@ def main():
   if args.devices_child:
     return devices_child(args, args.devices_child)
 
+  from ddm_ood import host_malloc
   from ddm_ood import scorer as scorer_lib
   from ddm_ood.unet import param_count
   cfg, model, params, schedule, scfg = forward_scorer_setup(args.config, args.num_steps)
@@ -245,7 +248,8 @@ def main():
   key = jax.random.key(0)
   report = {'config': os.path.relpath(args.config, ROOT), 'params': param_count(params),
             'K': args.num_steps, 'devices': str(jax.devices()), 'jax': jax.__version__,
-            'cpu_count': os.cpu_count(), 'loadavg_start': os.getloadavg()[0], 'batches': {}}
+            'cpu_count': os.cpu_count(), 'malloc': host_malloc.active() or 'system',
+            'loadavg_start': os.getloadavg()[0], 'batches': {}}
 
   for b in [int(v) for v in args.batches.split(',')]:
     x = real_images(b, cfg.data.image_size, cfg.data.channels)
@@ -316,4 +320,6 @@ def main():
 
 
 if __name__ == '__main__':
+  from ddm_ood import host_malloc
+  host_malloc.maybe_reexec()
   main()

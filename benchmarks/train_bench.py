@@ -10,9 +10,10 @@ time) / wall time), the step's FLOPs (XLA cost analysis, all devices) and achiev
 jitted 2048 x 2048 float32 matmul measured in the same process.
 
 Like ``main``, it exposes every core as a CPU device unless told otherwise (`ddm_ood.cpu_devices`:
-``DDM_OOD_CPU_DEVICES=N``, 1 = off, or an explicit ``XLA_FLAGS`` device count).
-``--compare_devices`` runs itself three times in fresh subprocesses (`core_modes`: pinned to one
-core, one device on every core, one device per core) and prints the results and the speed-ups
+``DDM_OOD_CPU_DEVICES=N``, 1 = off, or an explicit ``XLA_FLAGS`` device count) and runs on tcmalloc
+where installed (`ddm_ood.host_malloc`; ``DDM_OOD_MALLOC=system`` = glibc).
+``--compare_devices`` runs itself four times in fresh subprocesses (`core_modes`: pinned to one
+core, one device on every core, one device per core, the same on glibc malloc) and prints the results and the speed-ups
 measured in this one run. Not a test.
 """
 
@@ -32,6 +33,7 @@ import numpy as np
 
 import core_modes  # pylint: disable=g-bad-import-order
 from ddm_ood import cpu_devices
+from ddm_ood import host_malloc
 from ddm_ood import schedule as schedule_lib
 from ddm_ood import sharding
 from ddm_ood import train
@@ -135,8 +137,9 @@ def main(argv):
       'core_usage': cpu_s / elapsed, 'gflop_per_step': flops / 1e9,
       'gflops_per_s': flops * _STEPS.value / elapsed / 1e9, 'matmul_2048_gflops_per_s': mm,
       'fraction_of_matmul': flops * _STEPS.value / elapsed / 1e9 / mm,
-      **_peak_memory()}))
+      'malloc': host_malloc.active() or 'system', **_peak_memory()}))
 
 
 if __name__ == '__main__':
+  host_malloc.maybe_reexec()
   app.run(main)

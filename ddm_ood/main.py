@@ -64,6 +64,8 @@ def main(argv):
     workdir_lib.validate_config(config, _MODE.value)
   except workdir_lib.WorkdirError as e:
     _fail(str(e))
+  from ddm_ood import host_malloc
+  logging.info(host_malloc.describe())
   if not _COORDINATOR.value:  # one process: every core a device (before JAX starts its backend)
     from ddm_ood import cpu_devices
     cpu_devices.configure(
@@ -117,4 +119,6 @@ def _fail(message: str) -> None:
 
 
 if __name__ == '__main__':
+  from ddm_ood import host_malloc  # pylint: disable=g-import-not-at-top
+  host_malloc.maybe_reexec()  # replaces this process with one on tcmalloc, where installed
   app.run(main)
