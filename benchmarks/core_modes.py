@@ -5,9 +5,10 @@
 * ``one_device``: one JAX device, every core allowed (XLA's thunk executor and intra-op threads
   already spread one device's ops over the cores);
 * ``all_cores``: one JAX device per core (`ddm_ood.cpu_devices`, the default of ``main``);
-* ``all_cores_system_malloc``: as ``all_cores`` but on glibc malloc (``DDM_OOD_MALLOC=system``);
-  the other modes run on tcmalloc where it is installed (`ddm_ood.host_malloc`, the default of
-  ``main``), so this mode's ratio is what the allocator gives.
+* ``all_cores_system_malloc``: as ``all_cores`` but on glibc malloc (``DDM_OOD_MALLOC=system``),
+  so its ratio to ``all_cores`` is what the allocator gives. The other modes choose the allocator
+  as ``main`` does (`ddm_ood.host_malloc`): tcmalloc where installed, except ``one_device``
+  (one device spread over several cores stays on glibc).
 """
 
 from __future__ import annotations

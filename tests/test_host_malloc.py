@@ -17,8 +17,9 @@ needs_tcmalloc = pytest.mark.skipif(
 
 
 def _resolve(env_value=None, ld_preload=None, jax_platforms=None, accelerator=False,
-             found='/lib/libtcmalloc_minimal.so.4'):
-  return host_malloc.resolve_preload(env_value, ld_preload, jax_platforms, accelerator, found)
+             found='/lib/libtcmalloc_minimal.so.4', one_device_spread=False):
+  return host_malloc.resolve_preload(env_value, ld_preload, jax_platforms, accelerator, found,
+                                     one_device_spread)
 
 
 def test_resolve_defaults_to_the_tcmalloc_found():
@@ -37,6 +38,19 @@ def test_resolve_leaves_the_users_choice_and_accelerators_alone():
   assert _resolve(jax_platforms='cuda') is None
   assert _resolve(accelerator=True) is None
   assert _resolve(accelerator=True, jax_platforms='cpu') == '/lib/libtcmalloc_minimal.so.4'
+
+
+def test_one_device_spread_over_cores_stays_on_glibc():
+  assert _resolve(one_device_spread=True) is None
+  assert _resolve(one_device_spread=True, env_value=__file__) == __file__  # an explicit choice
+  spread = host_malloc.one_device_on_many_cores
+  assert not spread(None, None, 2, None, False)  # default: one device per core
+  assert spread(None, '1', 2, None, False)
+  assert not spread(None, '1', 1, None, False)  # a single core is not spread
+  assert spread('--xla_force_host_platform_device_count=1', None, 4, None, False)
+  assert not spread('--xla_force_host_platform_device_count=2', '1', 4, None, False)
+  assert spread(None, None, 8, None, True)  # accelerator installed: cpu_devices leaves 1 device
+  assert not spread(None, 'zero', 2, None, False)  # cpu_devices reports the bad value itself
 
 
 def test_resolve_explicit_path(tmp_path):
@@ -86,6 +100,9 @@ def test_reexec_runs_the_same_command_on_tcmalloc():
   active, mapped, described = _run(_REPORT, DDM_OOD_MALLOC='system')
   assert (active, mapped) == ('None', 'False')
   assert 'system malloc' in described
+  if os.cpu_count() > 1 and len(os.sched_getaffinity(0)) > 1:
+    active, mapped, _ = _run(_REPORT, DDM_OOD_CPU_DEVICES='1')
+    assert (active, mapped) == ('None', 'False')
 
 
 def test_bad_choice_fails_with_a_clear_message():
