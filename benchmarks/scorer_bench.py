@@ -15,8 +15,9 @@
 
 ``--compare_devices``: instead of the above, the scorer sharded over the ('data',) mesh in the
 four set-ups of `core_modes` (pinned to one core; one device on every core; one device per core,
-`ddm_ood.cpu_devices`; the same on glibc malloc instead of tcmalloc), each in a fresh subprocess of this one run: images/s, core usage
-((user + sys CPU time) / wall), achieved GFLOP/s and the speed-ups, features checked equal.
+`ddm_ood.cpu_devices`; the same on glibc malloc instead of tcmalloc), each in a fresh subprocess
+of this one run: images/s, core usage ((user + sys CPU time) / wall), achieved GFLOP/s and the
+speed-ups, features checked equal.
 
 Not a test: timings depend on the machine and its load (reported as ``loadavg``).
 """

@@ -13,8 +13,8 @@ Like ``main``, it exposes every core as a CPU device unless told otherwise (`ddm
 ``DDM_OOD_CPU_DEVICES=N``, 1 = off, or an explicit ``XLA_FLAGS`` device count) and runs on tcmalloc
 where installed (`ddm_ood.host_malloc`; ``DDM_OOD_MALLOC=system`` = glibc).
 ``--compare_devices`` runs itself four times in fresh subprocesses (`core_modes`: pinned to one
-core, one device on every core, one device per core, the same on glibc malloc) and prints the results and the speed-ups
-measured in this one run. Not a test.
+core, one device on every core, one device per core, the same on glibc malloc) and prints the
+results and the speed-ups measured in this one run. Not a test.
 """
 
 import json

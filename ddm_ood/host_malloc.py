@@ -5,12 +5,12 @@ threshold (32 MiB at most) with fresh ``mmap`` pages and unmaps them on ``free``
 step of a large network faults its whole working set in again and the kernel zero-fills it. At
 CelebA size and batch 64 that was a third of the step's CPU time (9.3M minor page faults in a
 two-step benchmark; glibc's tunables did not help). tcmalloc keeps freed pages for reuse: the
-same step ran 1.9x faster (issue 12, README "Development").
+same step ran 1.9-2.0x faster (issue 12, README "Development").
 
 The allocator is chosen when a process starts, so `maybe_reexec` re-executes the command line
 once with ``LD_PRELOAD`` set. Only entry points call it (``python -m ddm_ood.main``, the
 benchmarks); importing the library never re-executes anything. Results do not depend on the
-allocator (a test compares trained parameters bitwise).
+allocator (a test compares trained parameters and scorer features bitwise).
 
 Resolution (`resolve_preload`, pure):
 
@@ -137,8 +137,12 @@ def describe() -> str:
     return f'Host allocator: {active()} ({ENV_VAR}=system for glibc malloc).'
   if active():
     return f'Host allocator: {active()} (LD_PRELOAD).'
-  hint = ('' if find_tcmalloc() else ' XLA:CPU runs large networks up to 2x faster on tcmalloc: '
-          'apt-get install libtcmalloc-minimal4.')
+  if find_tcmalloc():
+    hint = (f' (tcmalloc is used only with one CPU device per core, unless {ENV_VAR}=system; '
+            f'{ENV_VAR}=PATH forces a library.)')
+  else:
+    hint = (' XLA:CPU runs large networks up to 2x faster on tcmalloc: apt-get install '
+            'libtcmalloc-minimal4.')
   return f'Host allocator: the system malloc.{hint}'
 
 
@@ -157,8 +161,9 @@ def maybe_reexec(argv: Sequence[str] | None = None) -> None:
     return
   accelerator = cpu_devices.accelerator_installed()
   platforms = os.environ.get('JAX_PLATFORMS')
-  spread = one_device_on_many_cores(os.environ.get('XLA_FLAGS'), os.environ.get(cpu_devices.ENV_VAR),
-                                    cpu_devices.available_cores(), platforms, accelerator)
+  spread = one_device_on_many_cores(
+      os.environ.get('XLA_FLAGS'), os.environ.get(cpu_devices.ENV_VAR),
+      cpu_devices.available_cores(), platforms, accelerator)
   try:
     lib = resolve_preload(os.environ.get(ENV_VAR), os.environ.get('LD_PRELOAD'), platforms,
                           accelerator, find_tcmalloc(), spread)
