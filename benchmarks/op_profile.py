@@ -32,6 +32,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ddm_ood import cpu_devices  # pylint: disable=g-import-not-at-top
+from ddm_ood import host_malloc  # pylint: disable=g-import-not-at-top
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _NUMBER = re.compile(r'\.\d+$')
@@ -191,12 +192,11 @@ def main():
     jax.block_until_ready(out)
   print(json.dumps({'what': args.what, 'config': os.path.relpath(args.config, ROOT),
                     'batch': args.batch, 'devices': jax.device_count(),
-                    'malloc': os.environ.get('DDM_OOD_MALLOC_ACTIVE') or 'system',
+                    'malloc': host_malloc.active() or 'system',
                     'ms_per_call_untraced': ms, 'trace_dir': args.trace_dir,
                     **summarise(args.trace_dir, args.calls, hlo)}, indent=1))
 
 
 if __name__ == '__main__':
-  from ddm_ood import host_malloc
   host_malloc.maybe_reexec()
   main()

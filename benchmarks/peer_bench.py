@@ -75,6 +75,7 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
 
   from ddm_ood import cpu_devices
+  from ddm_ood import host_malloc
   cpu_devices.configure(divides=(args.batch,))
   import jax
   import torch as th
@@ -166,7 +167,7 @@ def main(argv=None) -> None:
       'diffpath_fraction_of_matmul': total_flops / peer_s / 1e9 / matmul,
       'loadavg': os.getloadavg(), 'torch_version': th.__version__,
       'jax_version': jax.__version__,
-      'malloc': os.environ.get('DDM_OOD_MALLOC_ACTIVE') or 'system',  # both scorers share it
+      'malloc': host_malloc.active() or 'system',  # both scorers share it
   }
   print(json.dumps(result, indent=1))
   if rel > 1e-2:
