@@ -60,9 +60,19 @@ def get_config():
   config.scorer.chunk = 8          # 8 images (192 noisy states) per network call; same results
   config.eval.num_fit = 500
   config.eval.num_test = 250
-  # The seed method, its forward-vs-ddim ablation and the baselines, on the same images.
+  # The candidates of the zero-shot default ('zero_shot' row: the ID-only protocol picks one per
+  # ID set): the seed method, without SSIM, on the DDIM path, and both paths fused; then the
+  # DiffPath baselines, all on the same images.
   config.eval.feature_kinds = ('stein_ssim', 'stein', 'stein_ssim_ddim', 'stein_ddim',
+                               'stein_ssim+stein_ssim_ddim', 'stein+stein_ddim',
                                'diffpath_6d', 'diffpath_1d')
+  # Near-OOD from installable data: class splits, the standard protocol that needs no new data.
+  # A class split is a view of its parent set (the same images and features), so these pairs
+  # cost only the synthetic anomalies of their held-out images: digits 0-4 vs 5-9, Fashion-MNIST
+  # classes 0-4 vs 5-9, and upper-body garments (T-shirt, pullover, coat, shirt) vs footwear.
+  config.eval.near_ood_pairs = (('mnist[0-4]', 'mnist[5-9]'),
+                                ('fashion_mnist[0-4]', 'fashion_mnist[5-9]'),
+                                ('fashion_mnist[0,2,4,6]', 'fashion_mnist[5,7,9]'))
   # DiffPath's grid is n_components {50, 100}; with 500 ID-train features a smaller one (chosen by
   # cross-validated log-likelihood as there) is what the data supports.
   config.detector.n_components = (2, 4, 8, 16)

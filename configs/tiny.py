@@ -48,6 +48,11 @@ def get_config():
 
   config.eval.id_datasets = ('fashion_mnist',)
   config.eval.ood_datasets = ('mnist', 'noise_gaussian')
+  # Every registered kind and a fused one, so the end-to-end tests run each through the scorer,
+  # the protocol, the report, the memory plan and the API; one near-OOD class split.
+  config.eval.feature_kinds = ('stein_ssim', 'stein', 'eps_ssim', 'stein_ssim_ddim',
+                               'stein_ddim', 'stein+stein_ddim', 'diffpath_6d', 'diffpath_1d')
+  config.eval.near_ood_pairs = (('mnist[0-4]', 'mnist[5-9]'),)
   config.eval.num_fit = 64
   config.eval.num_test = 32
   config.eval.num_examples_plot = 2

@@ -6,7 +6,8 @@ Example::
   ood = api.load_anomaly_scorer('runs/fashion_mnist', id_dataset='fashion_mnist')
   scores = ood(images)                       # [B] float32, higher = more out-of-distribution
   # or, inside your own jitted pipeline:
-  f = api.make_anomaly_fn(ood.apply_fn, ood.schedule, ood.config.scorer, ood.kind)
+  f = api.make_anomaly_fn(ood.apply_fn, ood.schedule, ood.config.scorer, ood.scorer_kind,
+                          ood.draws, ood.complexity)
   scores = jax.jit(f)(ood.unet_params, ood.detector_params, images, image_ids, ood.key)
 
 Scoring needs neither TensorFlow nor scikit-learn: the detector is plain arrays.
@@ -25,8 +26,10 @@ import ml_collections
 import numpy as np
 
 from ddm_ood import checkpoint
+from ddm_ood import complexity as complexity_lib
 from ddm_ood import detector
 from ddm_ood import features as features_lib
+from ddm_ood import kinds as kinds_lib
 from ddm_ood import pixel_maps
 from ddm_ood import schedule as schedule_lib
 from ddm_ood import scorer
@@ -37,18 +40,20 @@ from ddm_ood import workdir as workdir_lib
 
 def make_anomaly_fn(apply_fn: Callable, schedule: schedule_lib.Schedule,
                     scorer_cfg: ml_collections.ConfigDict, kind: str = 'stein_ssim',
-                    draws: str | None = None) -> Callable:
+                    draws: str | None = None, complexity: bool = False) -> Callable:
   """Builds the pure function ``(unet_params, detector_params, images, image_ids, key) -> scores``.
 
   Args:
     apply_fn: ``apply_fn(params, x_t [N,H,W,C], t [N]) -> eps_theta`` (eval mode).
     schedule: the diffusion schedule the network was trained with.
     scorer_cfg: ``config.scorer``.
-    kind: feature kind the detector was fitted on (`scorer.FEATURE_KINDS`).
+    kind: feature kind the detector was fitted on (`ddm_ood.kinds`; a fused 'a+b' too).
     draws: None when the detector was fitted on the kind's features (the DiffPath baselines);
-      'all' or 'first' when it was fitted on aggregated per-timestep statistics (the seed
-      family: ``detector_params`` is then ``(reducer, detector params)``, see
+      'all' or 'first' when it was fitted on aggregated per-timestep statistics (the selected
+      kinds: ``detector_params`` is then ``(reducer, detector params)``, see
       `ddm_ood.features` and `ddm_ood.selection.Setting`).
+    complexity: whether the image's complexity statistics (`ddm_ood.complexity`) are part of
+      the statistics (``Setting.complexity``; only with ``draws``).
 
   Returns:
     A jittable function; ``images`` [B, H, W, C] float in [-1, 1], ``image_ids`` [B] int32 or
@@ -57,6 +62,10 @@ def make_anomaly_fn(apply_fn: Callable, schedule: schedule_lib.Schedule,
     ``key`` a `jax.random.key`; returns anomaly scores [B] (higher = more out-of-distribution).
   """
   score_fn = scorer.make_trajectory_scorer(apply_fn, schedule, scorer_cfg, (kind,))
+  base = kinds_lib.get(kind).base_kinds
+  if draws is None and (len(base) > 1 or complexity):
+    raise ValueError(f'kind {kind!r} with complexity={complexity} needs draws (its detector is '
+                     'fitted on per-timestep statistics).')
 
   def anomaly_fn(unet_params, detector_params, images, image_ids, key):
     if image_ids is None:
@@ -65,7 +74,9 @@ def make_anomaly_fn(apply_fn: Callable, schedule: schedule_lib.Schedule,
     if draws is None:
       return detector.anomaly_score(detector_params, out['features'][kind])
     reducer, det_params = detector_params
-    stats = features_lib.draw_stats(out['per_draw'][kind], out['per_draw_deriv'][kind], draws)
+    stats = features_lib.kind_stats(
+        out['per_draw'], out['per_draw_deriv'], base, draws,
+        complexity_lib.image_complexity(images) if complexity else None)
     return detector.anomaly_score(det_params, features_lib.reduce(reducer, stats))
 
   return anomaly_fn
@@ -88,11 +99,14 @@ class AnomalyScorer:
   schedule: schedule_lib.Schedule
   key: jax.Array
   draws: str | None = None      # see make_anomaly_fn
-  scorer_kind: str | None = None  # the scorer kind of ``kind`` ('stein_ssim@oracle' -> 'stein_ssim')
+  scorer_kind: str | None = None  # the kind the detector reads ('stein_ssim@oracle' ->
+                                  # 'stein_ssim'; 'zero_shot' -> the kind the protocol picked)
+  complexity: bool = False      # see make_anomaly_fn
 
   def __post_init__(self):
     self._fn = jax.jit(make_anomaly_fn(self.apply_fn, self.schedule, self.config.scorer,
-                                       self.scorer_kind or self.kind, self.draws))
+                                       self.scorer_kind or self.kind, self.draws,
+                                       self.complexity))
 
   def __call__(self, images, image_ids=None) -> np.ndarray:
     """Anomaly scores [B] of images [B, H, W, C] in [-1, 1].
@@ -111,18 +125,20 @@ class AnomalyScorer:
 
 
 def load_anomaly_scorer(workdir: str, id_dataset: str | None = None,
-                        kind: str = 'stein_ssim') -> AnomalyScorer:
+                        kind: str | None = None) -> AnomalyScorer:
   """Loads the EMA parameters and the detector fitted on ``id_dataset`` by the evaluate mode.
 
   Args:
     workdir: a workdir that `python -m ddm_ood.main` trained and evaluated.
     id_dataset: which in-distribution set's detector to use (default: the first ID set).
-    kind: a method of the results (default: the seed method's zero-shot default,
-      'stein_ssim'; also e.g. 'stein_ssim@published', 'stein_ssim@oracle', 'diffpath_6d').
+    kind: a method of the results (default: the zero-shot default, 'zero_shot', i.e. the kind
+      and settings the ID-only protocol picked for ``id_dataset``; also e.g. 'stein_ssim',
+      'stein+stein_ddim', 'stein_ssim@published', 'stein_ssim@oracle', 'diffpath_6d').
   """
   workdir = os.path.abspath(workdir)
   config = workdir_lib.load_config(workdir)
   id_dataset = id_dataset or config.eval.id_datasets[0]
+  kind = kind or kinds_lib.default_method(config.eval.feature_kinds)
   path = workdir_lib.detector_path(workdir, id_dataset, kind)
   if not os.path.exists(path):
     raise FileNotFoundError(
@@ -133,14 +149,15 @@ def load_anomaly_scorer(workdir: str, id_dataset: str | None = None,
   params, step = checkpoint.restore_ema_params(workdir, config)
   model = unet.build_model(config)
   sched = schedule_lib.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
-  setting = fitted.info.get('setting')
+  setting = fitted.info.get('setting') if fitted.reducer is not None else None
   det_params = fitted.params if fitted.reducer is None else (fitted.reducer, fitted.params)
   return AnomalyScorer(config=config, kind=kind, id_dataset=id_dataset, step=step,
                        unet_params=params, detector_params=det_params,
                        apply_fn=lambda p, x, t: model.apply(p, x, t), schedule=sched,
                        key=workdir_lib.scorer_key(config.seed),
-                       draws=setting['draws'] if setting and fitted.reducer is not None else None,
-                       scorer_kind=kind.split('@')[0])
+                       draws=setting['draws'] if setting else None,
+                       scorer_kind=setting['kind'] if setting else kind.split('@')[0],
+                       complexity=bool(setting.get('complexity', False)) if setting else False)
 
 
 def load_denoiser(workdir: str) -> tuple[Callable, ml_collections.ConfigDict]:

@@ -45,7 +45,7 @@ def validate_config(config: ml_collections.ConfigDict, mode: str = 'all') -> Non
   Raises:
     WorkdirError: the first problem found, naming the field and what to do.
   """
-  from ddm_ood import scorer  # pylint: disable=g-import-not-at-top
+  from ddm_ood import kinds  # pylint: disable=g-import-not-at-top
   d = config.data
   if int(d.image_size) <= 0:
     raise WorkdirError(f'config.data.image_size must be positive, got {d.image_size}.')
@@ -65,16 +65,22 @@ def validate_config(config: ml_collections.ConfigDict, mode: str = 'all') -> Non
     _check_source(d.dataset, ('train',), 'config.data.dataset')
   if mode in ('evaluate', 'all'):
     ev = config.eval
-    unknown = sorted(set(ev.feature_kinds) - set(scorer.FEATURE_KINDS))
-    if unknown or not ev.feature_kinds:
-      raise WorkdirError(f'Unknown or no feature kind(s) {unknown} in config.eval.feature_kinds; '
-                         f'choose from {scorer.FEATURE_KINDS}.')
+    try:
+      kinds.check(ev.feature_kinds)
+    except ValueError as e:
+      raise WorkdirError(f'config.eval.feature_kinds: {e}') from e
     if not ev.id_datasets:
       raise WorkdirError('config.eval.id_datasets is empty; name at least one ID set.')
     for name in ev.id_datasets:
       _check_source(name, ('train', 'test'), 'config.eval.id_datasets')
     for name in ev.ood_datasets:
       _check_source(name, ('test',), 'config.eval.ood_datasets')
+    for pair in settings.section(ev, 'eval')['near_ood_pairs']:
+      if isinstance(pair, str) or len(pair) != 2:
+        raise WorkdirError(f'config.eval.near_ood_pairs: {pair!r} is not an (ID, OOD) pair; write '
+                           "e.g. (('mnist[0-4]', 'mnist[5-9]'),).")
+      _check_source(pair[0], ('train', 'test'), 'config.eval.near_ood_pairs (ID)')
+      _check_source(pair[1], ('test',), 'config.eval.near_ood_pairs (OOD)')
     try:
       settings.scorer(config.scorer)
     except ValueError as e:
@@ -97,10 +103,20 @@ def _check_select(sel) -> None:
     raise WorkdirError(f'config.select.t_min_fractions={tuple(sel.t_min_fractions)} must be '
                        'fractions of T in [0, 1), e.g. (0.0, 0.1, 0.2).')
   _check_subset('select.corruptions', sel.corruptions, synthetic.CORRUPTIONS)
-  if int(sel.num_val) < 10:
-    raise WorkdirError(f'config.select.num_val={sel.num_val}: the zero-shot selection needs at '
-                       'least 10 held-out ID-train images per ID set.')
-  if int(sel.localisation_images) < 0:
+  sel = settings.section(sel, 'select')
+  if not sel['complexity'] or any(not isinstance(c, bool) for c in sel['complexity']):
+    raise WorkdirError(f"config.select.complexity={tuple(sel['complexity'])} must be a non-empty "
+                       'tuple of booleans, e.g. (False, True).')
+  if not 0 < float(sel['criterion_quantile']) <= 1:
+    raise WorkdirError(f"config.select.criterion_quantile={sel['criterion_quantile']} must be in "
+                       '(0, 1] (1 = the mean over corruptions).')
+  if int(sel['anomalies_per_image']) < 1:
+    raise WorkdirError(f"config.select.anomalies_per_image={sel['anomalies_per_image']} must be "
+                       '>= 1.')
+  if int(sel['num_val']) < 10:
+    raise WorkdirError(f"config.select.num_val={sel['num_val']}: the zero-shot selection needs "
+                       'at least 10 held-out ID-train images per ID set.')
+  if int(sel['localisation_images']) < 0:
     raise WorkdirError('config.select.localisation_images must be >= 0 (0 = off).')
 
 

@@ -6,6 +6,8 @@ command line, e.g. ``--config.train.num_steps=10``.
 
 import ml_collections
 
+from ddm_ood import synthetic
+
 
 def get_config() -> ml_collections.ConfigDict:
   """Returns the default configuration (a small model on the installable Fashion-MNIST)."""
@@ -98,7 +100,14 @@ def get_config() -> ml_collections.ConfigDict:
   ev.id_datasets = ('fashion_mnist', 'mnist', 'textures')
   ev.ood_datasets = ('fashion_mnist', 'mnist', 'textures', 'digits', 'lfw_faces',
                      'noise_gaussian', 'noise_uniform')
-  ev.feature_kinds = ('stein_ssim', 'stein', 'diffpath_6d', 'diffpath_1d')
+  # Every selected kind is a candidate of the zero-shot default ('zero_shot' row): the seed map
+  # with and without SSIM, on the forward and the DDIM path, and both paths fused ('a+b').
+  ev.feature_kinds = ('stein_ssim', 'stein', 'stein_ssim_ddim', 'stein_ddim',
+                      'stein_ssim+stein_ssim_ddim', 'stein+stein_ddim', 'diffpath_6d',
+                      'diffpath_1d')
+  # Near-OOD: (ID, OOD) pairs evaluated with the same protocol, e.g. class splits of one source
+  # (('mnist[0-4]', 'mnist[5-9]'),); reported apart from the ID x OOD suite above.
+  ev.near_ood_pairs = ()
   ev.num_fit = 2000                # ID-train images the detector is fitted on (0 = all).
   ev.num_test = 1000               # Test images per set (0 = all).
   ev.num_examples_plot = 4
@@ -112,7 +121,13 @@ def get_config() -> ml_collections.ConfigDict:
   # Candidate windows t_k >= f * diffusion.num_timesteps (snapped to the grid).
   select.t_min_fractions = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
   select.aggregations = ('zsum',)  # Candidates from 'sum' (as published), 'zsum', 'concat'.
-  select.corruptions = ('patch_shuffle', 'cutpaste', 'blend', 'blur', 'noise', 'invert')
+  # Whether the image's complexity statistics (ddm_ood/complexity.py) join the features: tried in
+  # this order after the window, kept where they raise the criterion.
+  select.complexity = (False, True)
+  select.corruptions = synthetic.CORRUPTIONS   # every registered one (ddm_ood/synthetic.py)
+  select.anomalies_per_image = 1   # synthetic anomalies per held-out image
+  # The criterion: the mean of the lowest ceil(q * F) per-corruption AUROCs (q = 1: the mean).
+  select.criterion_quantile = 1 / 3
   select.oracle = False            # Also the OOD-train oracle + leave-one-out (OOD exposure).
   select.localisation_images = 0   # >0: measure the anomaly map on pasted OOD patches.
   return config

@@ -27,13 +27,16 @@ import ml_collections
 import numpy as np
 
 from ddm_ood import checkpoint
+from ddm_ood import complexity
 from ddm_ood import data
 from ddm_ood import detector
+from ddm_ood import kinds as kinds_lib
 from ddm_ood import map_study
 from ddm_ood import memory
 from ddm_ood import metrics
 from ddm_ood import protocol
 from ddm_ood import scorer
+from ddm_ood import selection
 from ddm_ood import settings as settings_lib
 from ddm_ood import sharding
 from ddm_ood import schedule as schedule_lib
@@ -44,6 +47,8 @@ from ddm_ood import workdir as workdir_lib
 from ddm_ood.workdir import detector_path, safe_name, scorer_key  # noqa: F401  (public here too)
 
 METRIC_NAMES = ('auroc', 'fpr95', 'aupr_in', 'aupr_out')
+COMPLEXITY_KEY = selection.COMPLEXITY_KEY
+INDEX_KEY = 'index'
 # Held-out ID-train images the zero-shot selection needs at the least (per ID set).
 MIN_SELECTION_IMAGES = 10
 
@@ -67,7 +72,9 @@ class FeatureExtractor:
     self.model = unet.build_model(self.config)
     self.schedule = schedule_lib.make_schedule(self.config.diffusion.schedule,
                                                self.config.diffusion.num_timesteps)
-    self.kinds = tuple(self.config.eval.feature_kinds)
+    # The scorer computes the base kinds; fused kinds are composed from them downstream.
+    self.kinds = kinds_lib.base_kinds(self.config.eval.feature_kinds)
+    self._complexity = jax.jit(complexity.image_complexity)
     n_dev = jax.device_count()
     # Batch a multiple of the device count; chunk (if any) a multiple of it that divides the batch
     # (each device then scores its own rows) and small enough for config.scorer.memory_budget_gb.
@@ -107,17 +114,41 @@ class FeatureExtractor:
   def features(self, dataset: str, split: str, num: int) -> dict[str, np.ndarray]:
     """Features of the first ``num`` images (0 = all) of a dataset split.
 
+    A class split ('mnist[0-4]') is a view of its parent (`data.parse_class_split`): its rows
+    are the parent's rows of those classes among the parent's first ``num``, computed once.
+
     Returns:
-      A flat dict: 'features/<kind>' [N, D], 'per_timestep/<kind>' [N, K_kind, 3],
-      'per_timestep_deriv/<kind>' [N, K_kind - 1, 3], 'per_draw/<kind>' [N, R, K_kind, 3],
-      'per_draw_deriv/<kind>' [N, R, K_kind - 1, 3] (`scorer.kind_timesteps`).
+      A flat dict: per base kind (`kinds.base_kinds`) 'features/<kind>' [N, D],
+      'per_timestep/<kind>' [N, K_kind, 3], 'per_timestep_deriv/<kind>' [N, K_kind - 1, 3],
+      'per_draw/<kind>' [N, R, K_kind, 3], 'per_draw_deriv/<kind>' [N, R, K_kind - 1, 3]
+      (`scorer.kind_timesteps`), 'complexity/image' [N, 2] (`complexity`) and 'index' [N] int64,
+      each image's index in the dataset's (the parent's) fixed order, which is also its id.
     """
+    parent, classes = data.parse_class_split(dataset)
+    if classes is not None:
+      rows = self.index(dataset, split, num)
+      return {k: v[rows] for k, v in self.features(parent, split, num).items()}
+
     def compute():
       images = self.images(dataset, split, num)
       # A dataset's images are named by their index in its fixed order.
       return self.features_of(images, np.arange(images.shape[0], dtype=np.int32),
                               label=f'{dataset}/{split}')
-    return self._cached(self._cache_path(dataset, split, num), compute)
+    out = self._cached(self._cache_path(dataset, split, num), compute)
+    if COMPLEXITY_KEY not in out:   # a cache written before the complexity statistics existed
+      out[COMPLEXITY_KEY] = self.complexity_of(self.images(dataset, split, num))
+    out[INDEX_KEY] = np.arange(len(out[COMPLEXITY_KEY]), dtype=np.int64)
+    return out
+
+  def index(self, dataset: str, split: str, num: int) -> np.ndarray:
+    """The indices of `images` (dataset, split, num) in the dataset's (its parent's) order."""
+    return data.class_split_indices(dataset, split, self.config.data, num, self.config.seed)
+
+  def complexity_of(self, images: np.ndarray) -> np.ndarray:
+    """`complexity.image_complexity` [N, 2] of images [N, H, W, C], in batches."""
+    bs = max(1, self.batch_size)
+    parts = [np.asarray(self._complexity(images[i:i + bs])) for i in range(0, len(images), bs)]
+    return np.concatenate(parts) if parts else np.zeros((0, complexity.DIM), np.float32)
 
   def images(self, dataset: str, split: str, num: int) -> np.ndarray:
     """The first ``num`` images of a dataset split, as the features of `features` see them."""
@@ -125,20 +156,33 @@ class FeatureExtractor:
                             seed=self.config.seed)
 
   def synthetic_features(self, dataset: str, start: int, num: int) -> dict[str, np.ndarray]:
-    """Features of synthetic anomalies of ID-train images ``start .. start + num`` (cached).
+    """Features of synthetic anomalies of the ID-train images with index (`index`) in
+    ``[start, start + num)`` (cached).
 
-    Also returns 'corruption' [N] int32, the index into ``config.select.corruptions``.
+    ``config.select.anomalies_per_image`` anomalies per image (`synthetic.make_anomalies`).
+    Also returns 'corruption' [N'] int32, the index into ``config.select.corruptions``.
     """
     corruptions = tuple(self.config.select.corruptions)
+    per_image = int(settings_lib.section(self.config.select, 'select')['anomalies_per_image'])
+
+    def anomalies():
+      images = self.images(dataset, 'train', start + num)
+      images = images[self.index(dataset, 'train', start + num) >= start]
+      return synthetic.make_anomalies(images, self.config.seed, corruptions, per_image)
 
     def compute():
-      images = self.images(dataset, 'train', start + num)[start:]
-      anomalies, which = synthetic.make_anomalies(images, self.config.seed, corruptions)
-      out = self.features_of(anomalies, label=f'{dataset}/synthetic')
+      images, which = anomalies()
+      out = self.features_of(images, label=f'{dataset}/synthetic')
       out['corruption'] = which
       return out
-    tag = hashlib.sha1(json.dumps([start, corruptions]).encode()).hexdigest()[:8]
-    return self._cached(self._cache_path(dataset, f'synthetic{tag}', num), compute)
+    # Version 1 (six corruptions, one per image) keeps the key of the caches written then.
+    key = [start, corruptions] + ([per_image, synthetic.VERSION]
+                                  if (per_image, synthetic.VERSION) != (1, 1) else [])
+    tag = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:8]
+    out = self._cached(self._cache_path(dataset, f'synthetic{tag}', num), compute)
+    if COMPLEXITY_KEY not in out:
+      out[COMPLEXITY_KEY] = self.complexity_of(anomalies()[0])
+    return out
 
   def _cached(self, path: str, compute) -> dict[str, np.ndarray]:
     path = path if self.cache_dir else ''
@@ -186,12 +230,15 @@ class FeatureExtractor:
       ig = sharding.global_batch_from_local(i[rows], self.mesh)
       out = self._score(self._params, xg, ig, self.key)
       flat = _flatten(out)
+      flat[COMPLEXITY_KEY] = self._complexity(xg)
       chunks.append({k: sharding.to_host(v)[mask] for k, v in flat.items()})
       done = min(start + bs, n)
       if done == n or (start // bs) % 4 == 3:
         dt = time.time() - t0
         logging.info('features %s: %d/%d images, %.1f images/s, ETA %.0f s', label, done, n,
                      done / dt, (n - done) * dt / done)
+    if not chunks:
+      raise ValueError(f'No images to compute features of ({label}).')
     return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
 
 
@@ -241,16 +288,25 @@ def run_suite(config: ml_collections.ConfigDict, workdir: str, *,
     return _run_suite(config, workdir, print_table, make_report)
 
 
+def suite_pairs(config) -> list[tuple[str, str, str]]:
+  """The (ID, OOD, suite) pairs the suite evaluates, in report order: every ID set of
+  ``eval.id_datasets`` against every other set of ``eval.ood_datasets`` ('far'), then the
+  ``eval.near_ood_pairs`` ('near': e.g. class splits such as mnist[0-4] vs mnist[5-9])."""
+  ev = config.eval
+  far = [(i, o, 'far') for i in ev.id_datasets for o in ev.ood_datasets if o != i]
+  return far + [(str(i), str(o), 'near') for i, o in ev.near_ood_pairs]
+
+
 def _run_suite(config, workdir, print_table, make_report):
   t_start = time.time()
   ev = config.eval
-  unknown = set(ev.feature_kinds) - set(scorer.FEATURE_KINDS)
-  if unknown:
-    raise ValueError(f'Unknown feature kind(s) {sorted(unknown)} in config.eval.feature_kinds; '
-                     f'choose from {scorer.FEATURE_KINDS}.')
-  for name in tuple(ev.id_datasets) + tuple(ev.ood_datasets):
+  kinds_lib.check(ev.feature_kinds)
+  pairs = suite_pairs(config)
+  id_names = list(dict.fromkeys(p[0] for p in pairs)) or list(ev.id_datasets)
+  test_names = list(dict.fromkeys([*id_names, *(p[1] for p in pairs)]))
+  for name in test_names:
     data.check_source_name(name)
-  for name in tuple(ev.id_datasets) + tuple(ev.ood_datasets):
+  for name in test_names:
     if name.startswith('folder:'):  # user folders fail here, before any long computation
       data.load_images(name, 'test', config.data, max_examples=ev.num_test, seed=config.seed)
   params, step = checkpoint.restore_ema_params(workdir, config)
@@ -262,14 +318,17 @@ def _run_suite(config, workdir, print_table, make_report):
   rows, scores, detectors_info, settings = [], {}, {}, {}
   method_names = protocol.methods(config)
   fits, vals, id_tests, fitted_all = {}, {}, {}, {}
-  # Only the seed family selects settings; a baselines-only suite fits on every train image.
+  # Only selected kinds choose settings; a baselines-only suite fits on every train image.
   selecting = protocol.needs_selection(ev.feature_kinds)
   num_val = int(config.select.num_val) if selecting else 0
   held_out = MIN_SELECTION_IMAGES if selecting else 0
-  for id_name in ev.id_datasets:
+  for id_name in id_names:
     train = extractor.features(id_name, 'train', ev.num_fit + num_val if ev.num_fit else 0)
-    n_train = len(train[f'features/{ev.feature_kinds[0]}'])
-    n_fit = min(ev.num_fit or n_train, n_train - held_out)
+    index = train[INDEX_KEY]
+    n_train = len(index)
+    # The first num_fit images of the set's order fit (of a class split: those among its
+    # parent's first num_fit); the rest are held out.
+    n_fit = min(int(np.sum(index < ev.num_fit)) if ev.num_fit else n_train, n_train - held_out)
     if n_fit < MIN_SELECTION_IMAGES:
       raise ValueError(
           f'ID set {id_name!r} has {n_train} training images: too few to fit detectors'
@@ -277,7 +336,9 @@ def _run_suite(config, workdir, print_table, make_report):
           + '; use a larger ID set.')
     fits[id_name] = _take(train, slice(0, n_fit))
     vals[id_name] = _take(train, slice(n_fit, None))
-    syn = extractor.synthetic_features(id_name, n_fit, n_train - n_fit) if selecting else None
+    syn = (extractor.synthetic_features(id_name, int(index[n_fit]),
+                                        int(index[-1]) + 1 - int(index[n_fit]))
+           if selecting else None)
     id_tests[id_name] = extractor.features(id_name, 'test', ev.num_test)
     fitted_all[id_name] = protocol.fit_id_set(config, ev.feature_kinds, fits[id_name],
                                               vals[id_name], syn)
@@ -286,19 +347,19 @@ def _run_suite(config, workdir, print_table, make_report):
     ood_train = {o: extractor.features(o, 'train', num_val) for o in ev.ood_datasets}
     chosen, loo = protocol.oracle(config, list(ev.id_datasets), fits, vals, ood_train,
                                   lambda o: extractor.features(o, 'test', ev.num_test),
-                                  id_tests)
+                                  id_tests, also=[i for i in id_names if i not in ev.id_datasets])
     for id_name, f in chosen.items():
       fitted_all[id_name][protocol.SEED_KIND + protocol.ORACLE] = f
 
   localisation_result = None
   if int(config.select.localisation_images) > 0 and protocol.SEED_KIND in ev.feature_kinds:
-    id_name = ev.id_datasets[0]
+    id_name = id_names[0]
     no_ssim = fitted_all[id_name].get('stein')
     localisation_result = map_study.localisation_study(
         config, extractor, id_name, fitted_all[id_name][protocol.SEED_KIND].detector.reducer,
         no_ssim.detector.reducer if no_ssim else None)
 
-  for id_name in ev.id_datasets:
+  for id_name in id_names:
     fit, id_test = fits[id_name], id_tests[id_name]
     detectors_info[id_name], settings[id_name] = {}, {}
     for method in method_names:
@@ -312,25 +373,18 @@ def _run_suite(config, workdir, print_table, make_report):
       scores[f'{id_name}|{method}|id'] = s_id
       t_key = f'per_timestep/{method}'
       t_dets = _per_timestep_detectors(fit[t_key], config.seed) if t_key in fit else None
-      for ood_name in ev.ood_datasets:
-        if ood_name == id_name:
-          continue
+      for _, ood_name, suite in (p for p in pairs if p[0] == id_name):
         ood = extractor.features(ood_name, 'test', ev.num_test)
         s_ood = protocol.method_scores(f, method, ood)
         scores[f'{id_name}|{method}|{ood_name}'] = s_ood
         row = dict(id=id_name, ood=ood_name, kind=method, role=protocol.role(method),
-                   **metrics.ood_metrics(s_id, s_ood))
+                   suite=suite, **metrics.ood_metrics(s_id, s_ood))
         if t_dets is not None:
           row['per_timestep_auroc'] = _per_timestep_auroc(t_dets, id_test[t_key], ood[t_key])
         rows.append(row)
         logging.info('%s vs %s [%s]: AUROC %.4f FPR95 %.4f', id_name, ood_name, method,
                      row['auroc'], row['fpr95'])
 
-  averages = {}
-  for kind in method_names:
-    sel = [r for r in rows if r['kind'] == kind]
-    if sel:
-      averages[kind] = {m: float(np.mean([r[m] for r in sel])) for m in METRIC_NAMES}
   results = dict(
       checkpoint_step=int(step), workdir=workdir,
       timesteps=schedule_lib.scorer_timesteps(config.diffusion.num_timesteps,
@@ -338,19 +392,34 @@ def _run_suite(config, workdir, print_table, make_report):
       kind_timesteps={kind: scorer.kind_timesteps(config.diffusion.num_timesteps, config.scorer,
                                                   kind).tolist() for kind in ev.feature_kinds},
       wall_time_s=time.time() - t_start, num_devices=jax.device_count(),
-      backend=jax.default_backend(), rows=rows, averages=averages, settings=settings,
-      leave_one_out=loo, localisation=localisation_result, detectors=detectors_info, config=json.loads(config.to_json_best_effort()))
+      backend=jax.default_backend(), rows=rows,
+      averages=_averages(rows, method_names, 'far'),
+      near_averages=_averages(rows, method_names, 'near'), settings=settings,
+      leave_one_out=loo, localisation=localisation_result, detectors=detectors_info,
+      config=json.loads(config.to_json_best_effort()))
   if jax.process_index() == 0:
     _write_results(results, scores, out_dir)
   _write_tensorboard(results, workdir)
-  table = tables.results_table(results)
+  table = tables.results_table(results, 'far')
+  if results['near_averages']:
+    table += '\n\nNear-OOD:\n' + tables.results_table(results, 'near')
   if print_table:
     print(table, flush=True)
   if make_report and jax.process_index() == 0:
     from ddm_ood import report  # matplotlib is only needed here
     report.write_report(config, workdir, results, scores,
-                        map_study.example_maps_fn(config, extractor, fitted_all[ev.id_datasets[0]]))
+                        map_study.example_maps_fn(config, extractor, fitted_all[id_names[0]]))
   return results
+
+
+def _averages(rows: list[dict], methods: list[str], suite: str) -> dict:
+  """{method: {metric: mean over the suite's pairs}} for the methods with rows in ``suite``."""
+  out = {}
+  for kind in methods:
+    sel = [r for r in rows if r['kind'] == kind and r.get('suite', 'far') == suite]
+    if sel:
+      out[kind] = {m: float(np.mean([r[m] for r in sel])) for m in METRIC_NAMES}
+  return out
 
 
 def _take(feats: dict[str, np.ndarray], rows: slice) -> dict[str, np.ndarray]:
@@ -370,6 +439,9 @@ def _write_tensorboard(results: dict, workdir: str) -> None:
   for kind, avg in results['averages'].items():
     for m in ('auroc', 'fpr95'):
       scalars[f'eval/average_{m}/{kind}'] = avg[m]
+  for kind, avg in (results.get('near_averages') or {}).items():
+    for m in ('auroc', 'fpr95'):
+      scalars[f'eval/near_average_{m}/{kind}'] = avg[m]
   writer.write_scalars(int(results['checkpoint_step']), scalars)
   writer.flush()
   writer.close()
@@ -379,11 +451,13 @@ def _write_results(results: dict, scores: dict, out_dir: str) -> None:
   workdir_lib.atomic_write_json(os.path.join(out_dir, 'results.json'), results)
   buf = io.StringIO()
   w = csv.writer(buf)
-  w.writerow(['id', 'ood', 'kind', 'role', *METRIC_NAMES, 'n_id', 'n_ood'])
+  w.writerow(['id', 'ood', 'kind', 'role', 'suite', *METRIC_NAMES, 'n_id', 'n_ood'])
   for r in results['rows']:
-    w.writerow([r['id'], r['ood'], r['kind'], r.get('role', ''),
+    w.writerow([r['id'], r['ood'], r['kind'], r.get('role', ''), r.get('suite', 'far'),
                 *(f'{r[m]:.6f}' for m in METRIC_NAMES), r['n_id'], r['n_ood']])
   workdir_lib.atomic_write(os.path.join(out_dir, 'results.csv'), buf.getvalue())
-  workdir_lib.atomic_write(os.path.join(out_dir, 'results.md'),
-                           tables.results_table(results) + '\n')
+  text = tables.results_table(results, 'far') + '\n'
+  if results['near_averages']:
+    text += '\n## Near-OOD\n\n' + tables.results_table(results, 'near') + '\n'
+  workdir_lib.atomic_write(os.path.join(out_dir, 'results.md'), text)
   workdir_lib.atomic_savez(os.path.join(out_dir, 'scores.npz'), **scores)

@@ -75,6 +75,28 @@ def draw_stats(per_draw, per_draw_deriv, draws: str = 'all'):
   return flatten_stats(per_draw.mean(-3), per_draw_deriv.mean(-3))
 
 
+def kind_stats(per_draw, per_draw_deriv, base_kinds, draws: str = 'all', extra=None):
+  """The statistics a setting's reducer reads: [..., parts * (6K - 3) (+ E)].
+
+  Args:
+    per_draw: {base kind: [..., R, K, 3]} per-draw power sums (the scorer's 'per_draw').
+    per_draw_deriv: {base kind: [..., R, K - 1, 3]}.
+    base_kinds: the kind's base kinds (`kinds.Kind.base_kinds`; a fused kind's parts), in order.
+    draws: 'all' or 'first' (`draw_stats`).
+    extra: None or per-image statistics [..., E] appended last (`ddm_ood.complexity`).
+
+  Works on numpy and jax arrays (jittable).
+  """
+  blocks = [draw_stats(per_draw[b], per_draw_deriv[b], draws) for b in base_kinds]
+  if extra is not None:
+    blocks.append(extra)
+  if len(blocks) == 1:
+    return blocks[0]
+  xp = jnp if any(isinstance(b, jnp.ndarray) and not isinstance(b, np.ndarray)
+                  for b in blocks) else np
+  return xp.concatenate([xp.asarray(b, blocks[0].dtype) for b in blocks], axis=-1)
+
+
 def window_columns(num_steps: int, k0: int) -> tuple[np.ndarray, np.ndarray]:
   """Column indices of the window k >= k0: (value columns [W, 3], derivative columns [W-1, 3])."""
   if not 0 <= k0 < num_steps:
@@ -86,18 +108,24 @@ def window_columns(num_steps: int, k0: int) -> tuple[np.ndarray, np.ndarray]:
   return val, der
 
 
-def fit_reducer(stats: np.ndarray, num_steps: int, k0: int = 0,
-                aggregation: str = 'zsum') -> Reducer:
+def fit_reducer(stats: np.ndarray, num_steps: int, k0: int = 0, aggregation: str = 'zsum',
+                parts: int = 1, extra: int = 0) -> Reducer:
   """Fits the aggregation on ID-train statistics.
 
   Args:
-    stats: flattened statistics of ID-train images [N, 6K - 3] (`flatten_stats`).
+    stats: statistics of ID-train images [N, parts * (6K - 3) + extra]: ``parts`` blocks of
+      flattened power sums (`flatten_stats`; one per part of a fused kind), then ``extra``
+      per-image statistics (e.g. `ddm_ood.complexity`).
     num_steps: K, the grid size.
-    k0: first grid index of the window (timesteps ``t_k`` with ``k >= k0``).
-    aggregation: one of `AGGREGATIONS`.
+    k0: first grid index of the window (timesteps ``t_k`` with ``k >= k0``), in every block.
+    aggregation: one of `AGGREGATIONS`, applied to each block on its own.
+    parts: number of power-sum blocks.
+    extra: number of trailing per-image statistics, standardised on the ID-train images and
+      passed through as features.
 
   Returns:
-    A `Reducer` with D = 6 ('sum', 'zsum') or 6W - 3 ('concat').
+    A `Reducer` with D = parts * 6 ('sum', 'zsum') or parts * (6W - 3) ('concat'), plus
+    ``extra``.
 
   Raises:
     ValueError: unknown aggregation, bad window, wrong shape or non-finite statistics.
@@ -105,30 +133,38 @@ def fit_reducer(stats: np.ndarray, num_steps: int, k0: int = 0,
   if aggregation not in AGGREGATIONS:
     raise ValueError(f'Unknown aggregation {aggregation!r}; choose from {AGGREGATIONS}.')
   s = np.asarray(stats, np.float64)
-  p = num_stats(num_steps)
+  block = num_stats(num_steps)
+  p = parts * block + extra
   if s.ndim != 2 or s.shape[1] != p:
-    raise ValueError(f'stats must have shape [N, {p}] for a grid of {num_steps} timesteps, got '
-                     f'{s.shape}.')
+    what = f'{parts} x {block} + {extra}' if parts > 1 or extra else f'{p}'
+    raise ValueError(f'stats must have shape [N, {p}] ({what}) for a grid of {num_steps} '
+                     f'timesteps, got {s.shape}.')
   if not np.isfinite(s).all():
     raise ValueError('stats contain NaN or inf; check the scorer input images.')
   val, der = window_columns(num_steps, k0)
-  mean = np.zeros(p)
-  scale = np.ones(p)
-  if aggregation != 'sum':
-    if len(s) < 2:
-      raise ValueError(f"aggregation={aggregation!r} needs at least 2 ID-train images to "
-                       f'estimate the spread, got {len(s)}.')
-    mean = s.mean(0)
-    scale = 1.0 / np.maximum(s.std(0), _MIN_STD)
-  if aggregation == 'concat':
-    cols = np.concatenate([val.ravel(), der.ravel()])
-    weight = np.zeros((p, cols.size))
-    weight[cols, np.arange(cols.size)] = scale[cols]
-  else:
-    weight = np.zeros((p, 6))
-    for j in range(3):
-      weight[val[:, j], j] = scale[val[:, j]]
-      weight[der[:, j], 3 + j] = scale[der[:, j]]
+  standardise = aggregation != 'sum' or extra
+  if standardise and len(s) < 2:
+    raise ValueError(f'aggregation={aggregation!r} with {extra} extra statistics needs at least '
+                     f'2 ID-train images to estimate the spread, got {len(s)}.')
+  spread = 1.0 / np.maximum(s.std(0), _MIN_STD) if standardise else np.ones(p)
+  mean = s.mean(0) if standardise else np.zeros(p)
+  scale = spread if aggregation != 'sum' else np.ones(p)
+  if aggregation == 'sum':
+    mean[:parts * block] = 0.0
+  columns = []   # per output feature: the input columns it sums
+  for b in range(parts):
+    off = b * block
+    if aggregation == 'concat':
+      columns += [[off + c] for c in np.concatenate([val.ravel(), der.ravel()])]
+    else:
+      columns += [list(off + val[:, j]) for j in range(3)]
+      columns += [list(off + der[:, j]) for j in range(3)]
+  weight = np.zeros((p, len(columns) + extra))
+  for j, cols in enumerate(columns):
+    weight[cols, j] = scale[cols]
+  for e in range(extra):
+    c = parts * block + e
+    weight[c, len(columns) + e] = spread[c]
   return Reducer(mean=np.asarray(mean, np.float32), weight=np.asarray(weight, np.float32))
 
 
@@ -147,5 +183,5 @@ def timestep_weights(reducer: Reducer, num_steps: int) -> np.ndarray:
   return np.abs(w[3 * np.arange(num_steps) + 1]).sum(axis=1).astype(np.float32)
 
 
-__all__ = ['DRAWS', 'draw_stats', 'AGGREGATIONS', 'Reducer', 'num_stats', 'flatten_stats',
+__all__ = ['DRAWS', 'draw_stats', 'kind_stats', 'AGGREGATIONS', 'Reducer', 'num_stats', 'flatten_stats',
            'window_columns', 'fit_reducer', 'reduce', 'timestep_weights']

@@ -25,8 +25,8 @@ _IMAGES = flags.DEFINE_string('images', None, "--mode=score: the images to score
 _OUT = flags.DEFINE_string('out', None, '--mode=score: the CSV to write (one row per image file).')
 _ID_DATASET = flags.DEFINE_string('id_dataset', None, '--mode=score: whose detector and FPR95 '
                                   'threshold (default: the first of config.eval.id_datasets).')
-_KIND = flags.DEFINE_string('kind', None, '--mode=score: feature kind (default: the first of '
-                            'config.eval.feature_kinds).')
+_KIND = flags.DEFINE_string('kind', None, "--mode=score: a method of the results (default: "
+                            "'zero_shot', the ID-only protocol's pick).")
 _SKIP_BAD_FILES = flags.DEFINE_bool('skip_bad_files', False, '--mode=score: mark unreadable '
                                     'image files skipped in the CSV instead of stopping.')
 _SCORE_FLAGS = ('images', 'out', 'id_dataset', 'kind', 'skip_bad_files')

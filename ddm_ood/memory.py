@@ -171,7 +171,8 @@ def plan_for_config(config, param_count: int, num_devices: int, device=None) -> 
   k, r = int(sc.num_steps), int(sc.num_draws)
   # The forward trajectory sends R * K states of an image through the network at once; the DDIM
   # scan one. Each trajectory the kinds read keeps its states.
-  paths = {kinds.get(kind).trajectory_for(sc.mode) for kind in config.eval.feature_kinds}
+  paths = {p for kind in config.eval.feature_kinds
+           for p in kinds.get(kind).trajectories_for(sc.mode)}
   states = r * k if 'forward' in paths else 1
   kept = (r * k if 'forward' in paths else 0) + (k if 'ddim' in paths else 0)
   state = unet_state_bytes(size, channels, m.ch, tuple(m.ch_mult), m.num_res_blocks,

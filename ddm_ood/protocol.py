@@ -5,9 +5,14 @@ Methods (rows of the results; ``config.eval.feature_kinds`` says which kinds exi
 =========================  ====================================================================
 method                     detector
 =========================  ====================================================================
-'<kind>' (seed family)     the zero-shot default: `selection.select_zero_shot` over
-                           ``config.select`` (window x aggregation, the R draws averaged),
-                           judged on held-out ID-train images vs their synthetic anomalies
+'zero_shot'                THE default: the ID-only protocol's pick among every selected kind
+                           of ``config.eval.feature_kinds`` (forward / DDIM path, SSIM weight on
+                           or off, fused kinds), each at its own selected setting: the kind
+                           whose setting reached the best criterion on held-out ID-train images
+                           vs their synthetic anomalies. No OOD image, no override.
+'<kind>' (selected kinds)  the kind at its zero-shot setting: `selection.select_zero_shot` over
+                           ``config.select`` (window x aggregation, then the complexity
+                           statistics on or off; the R draws averaged)
 'stein_ssim@published'     the paper as published: R = 1 (the first draw), whole grid, plain sum
 'stein_ssim@oracle'        ``config.select.oracle``: chosen on OOD *train* splits (R x window,
                            plain sum), the OOD-exposed ablation; with its leave-one-out check
@@ -35,25 +40,35 @@ from ddm_ood import selection
 
 SEED_KIND = kinds_lib.SEED
 BASELINE_KINDS = kinds_lib.BASELINES
+ZERO_SHOT = kinds_lib.DEFAULT_METHOD
 PUBLISHED = '@published'
 ORACLE = '@oracle'
-VARIANT_NAMES = {'': 'zero-shot default', PUBLISHED: 'as published', ORACLE: 'oracle (OOD-train)'}
+VARIANT_NAMES = {ZERO_SHOT: 'zero-shot default', SEED_KIND + PUBLISHED: 'as published',
+                 SEED_KIND + ORACLE: 'oracle (OOD-train)'}
 
 
 def base_kind(method: str) -> str:
-  """'stein_ssim@oracle' -> 'stein_ssim'."""
+  """'stein_ssim@oracle' -> 'stein_ssim'; 'zero_shot' stays (its kind is chosen per ID set:
+  `Fitted.setting['kind']`)."""
   return method.split('@')[0]
 
 
 def role(method: str) -> str:
-  """'method' (the seed method's variants), 'ablation' or 'baseline' (`kinds.Kind.role`)."""
+  """'method' (the default and the seed method's variants), 'ablation' or 'baseline'."""
+  if method == ZERO_SHOT:
+    return 'method'
   return kinds_lib.get(base_kind(method)).role
+
+
+def selected_kinds(kinds) -> list[str]:
+  """The kinds whose settings the zero-shot protocol chooses: the default's candidates."""
+  return [k for k in kinds if kinds_lib.get(k).selected]
 
 
 def methods(config) -> list[str]:
   """The result rows' methods, in report order."""
   kinds = list(config.eval.feature_kinds)
-  out = []
+  out = [ZERO_SHOT] if selected_kinds(kinds) else []
   for kind in kinds:
     out.append(kind)
     if kind == SEED_KIND:
@@ -73,7 +88,7 @@ class Fitted:
 
 def needs_selection(kinds) -> bool:
   """Whether any kind picks its setting by the zero-shot selection (the baselines do not)."""
-  return any(kind not in BASELINE_KINDS for kind in kinds)
+  return bool(selected_kinds(kinds))
 
 
 def t_mins(config) -> list[int]:
@@ -86,6 +101,30 @@ def grid_of(config, kind: str) -> np.ndarray:
   return scorer.kind_timesteps(config.diffusion.num_timesteps, config.scorer, kind)
 
 
+def _select_kind(config, kind, fit, val, syn) -> tuple[selection.Setting,
+                                                        detector.FittedDetector, list[dict]]:
+  """A selected kind's zero-shot setting: the best window x aggregation, then the complexity
+  statistics added where ``config.select.complexity`` allows it and they raise the criterion."""
+  sel = config.select
+  grid = grid_of(config, kind)
+  corruptions, quantile = tuple(sel.corruptions), float(sel.criterion_quantile)
+  complexity = tuple(dict.fromkeys(bool(c) for c in sel.complexity))
+  cands = selection.candidates([kind], len(grid), grid, t_mins(config), sel.aggregations,
+                               complexity=complexity[:1])
+  best, det, table = selection.select_zero_shot(
+      cands, fit, val, syn, syn['corruption'], corruptions, len(grid), config.detector,
+      config.seed, quantile)
+  crit = max(r['criterion'] for r in table)
+  for c in complexity[1:]:
+    other = dataclasses.replace(best, complexity=c)
+    det_other = selection.fit(other, fit, len(grid), config.detector, config.seed)
+    table.append(selection.judge(det_other, other, val, syn, syn['corruption'], corruptions,
+                                 quantile))
+    if table[-1]['criterion'] > crit:
+      best, det, crit = other, det_other, table[-1]['criterion']
+  return best, det, table
+
+
 def fit_id_set(config, kinds, fit, val, syn) -> dict[str, Fitted]:
   """Every non-oracle method's detector for one ID set.
 
@@ -95,26 +134,33 @@ def fit_id_set(config, kinds, fit, val, syn) -> dict[str, Fitted]:
     fit, val, syn: flat statistics dicts of the fit images, the held-out images and their
       synthetic anomalies (``syn['corruption']`` the corruption index of each); ``val`` and
       ``syn`` are unused (may be empty / None) when `needs_selection` is False.
+
+  Returns:
+    {method: Fitted}; ZERO_SHOT's ``selection`` lists each candidate kind's best row, its
+    ``setting`` names the kind it picked.
   """
-  sel = config.select
-  out = {}
+  out, winners = {}, []
   for kind in kinds:
-    if kind in BASELINE_KINDS:
+    if not kinds_lib.get(kind).selected:
       det = detector.fit_detector(fit[f'features/{kind}'], config.detector, seed=config.seed)
       out[kind] = Fitted(det, None)
       continue
     grid = grid_of(config, kind)
-    cands = selection.candidates([kind], len(grid), grid, t_mins(config), sel.aggregations)
-    best, det, table = selection.select_zero_shot(
-        cands, fit, val, syn, syn['corruption'], tuple(sel.corruptions), len(grid),
-        config.detector, config.seed)
+    best, det, table = _select_kind(config, kind, fit, val, syn)
+    row = max(table, key=lambda r: r['criterion'])
     out[kind] = Fitted(det, best.describe(grid, config.scorer.num_draws), table)
-    logging.info('zero-shot selection [%s]: %s (criterion %.4f)', kind, best,
-                 max(r['criterion'] for r in table))
+    winners.append((row['criterion'], kind, row))
+    logging.info('zero-shot selection [%s]: %s (criterion %.4f, mean AUROC %.4f)', kind, best,
+                 row['criterion'], row['mean_auroc'])
     if kind == SEED_KIND:
       pub = selection.Setting(kind, 'first', 0, 'sum')
       out[kind + PUBLISHED] = Fitted(selection.fit(pub, fit, len(grid), config.detector,
                                                    config.seed), pub.describe(grid, 1))
+  if winners:
+    # Earliest kind of config.eval.feature_kinds wins ties.
+    crit, kind, _ = max(winners, key=lambda w: w[0])
+    out[ZERO_SHOT] = Fitted(out[kind].detector, out[kind].setting, [w[2] for w in winners])
+    logging.info('zero-shot default: %s (criterion %.4f)', kind, crit)
   return out
 
 
@@ -123,14 +169,17 @@ def method_scores(fitted: Fitted, method: str, feats: Mapping[str, np.ndarray]) 
   if fitted.setting is None:
     return np.asarray(fitted.detector.score(feats[f'features/{base_kind(method)}']))
   setting = selection.Setting.from_description(fitted.setting)
-  return np.asarray(fitted.detector.score_stats(
-      selection.stats_of(feats, setting.kind, setting.draws)))
+  return selection.score(fitted.detector, setting, feats)
 
 
 def oracle(config, id_names, fits: Mapping[str, Mapping], vals: Mapping[str, Mapping],
            ood_train: Mapping[str, Mapping], ood_test: Callable[[str], Mapping],
-           id_tests: Mapping[str, Mapping]) -> tuple[dict, dict]:
+           id_tests: Mapping[str, Mapping], also=()) -> tuple[dict, dict]:
   """The OOD-train selection for the seed kind, and its leave-one-OOD-set-out check.
+
+  Args:
+    also: further ID sets (e.g. the near-OOD pairs' ID sets, in ``fits``) that get the setting
+      chosen on ``id_names`` x ``ood_train`` without taking part in the choice.
 
   Returns:
     ({id_name: Fitted} of the globally chosen setting, loo) where ``loo[ood_name]`` holds the
@@ -150,7 +199,7 @@ def oracle(config, id_names, fits: Mapping[str, Mapping], vals: Mapping[str, Map
 
   best, table = selection.select_oracle(cands, id_names, fitted, vals, ood_train)
   chosen = {i: Fitted(fitted(i, best), best.describe(grid, config.scorer.num_draws), table)
-            for i in id_names}
+            for i in [*id_names, *also]}
 
   def test_auroc(s, id_name, ood_name):
     det = fitted(id_name, s)
@@ -169,5 +218,6 @@ def oracle(config, id_names, fits: Mapping[str, Mapping], vals: Mapping[str, Map
   return chosen, loo
 
 
-__all__ = ['SEED_KIND', 'BASELINE_KINDS', 'PUBLISHED', 'ORACLE', 'VARIANT_NAMES', 'base_kind',
-           'role', 'methods', 'Fitted', 'fit_id_set', 'method_scores', 'oracle']
+__all__ = ['SEED_KIND', 'BASELINE_KINDS', 'ZERO_SHOT', 'PUBLISHED', 'ORACLE', 'VARIANT_NAMES',
+           'base_kind', 'role', 'selected_kinds', 'methods', 'Fitted', 'fit_id_set',
+           'method_scores', 'oracle']

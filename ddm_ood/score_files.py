@@ -22,6 +22,7 @@ from absl import logging
 import numpy as np
 
 from ddm_ood import data
+from ddm_ood import kinds
 from ddm_ood import metrics
 from ddm_ood import settings
 from ddm_ood import workdir as workdir_lib
@@ -44,8 +45,9 @@ def default_id_dataset(config) -> str:
 
 
 def default_kind(config) -> str:
-  """The feature kind score mode uses when --kind is not given."""
-  return config.eval.feature_kinds[0]
+  """The method score mode uses when --kind is not given: the zero-shot default
+  (`kinds.default_method`)."""
+  return kinds.default_method(config.eval.feature_kinds)
 
 
 @dataclasses.dataclass(frozen=True)

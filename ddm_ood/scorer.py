@@ -246,10 +246,11 @@ def make_trajectory_scorer(apply_fn: ApplyFn, schedule: schedule_lib.Schedule, s
     schedule: the diffusion schedule the network was trained with.
     scorer_cfg: ``config.scorer`` or `settings.ScorerSettings` (mode, num_steps, t_min, noise,
       num_draws, ssim_pair, ssim_weight, scale_by_sigma, ssim_filter_*, ssim_k1, ssim_k2, chunk).
-    feature_kinds: kinds to compute, from `FEATURE_KINDS` (`ddm_ood.kinds`).
+    feature_kinds: kinds to compute (`ddm_ood.kinds`); a fused kind adds its parts.
 
   Returns:
     ``score(params, images [B, H, W, C] float in [-1, 1], image_ids [B] int32, key) -> dict`` with
+    one entry per base kind (`kinds.base_kinds`) in each of
     ``'features'``: {kind: [B, D] float32}, ``'per_timestep'``: {kind: [B, K_kind, 3]} and
     ``'per_timestep_deriv'``: {kind: [B, K_kind - 1, 3]} (power sums p = 1, 2, 3 at the
     timesteps `kind_timesteps` gives, averaged over draws), and the same per draw,
@@ -263,7 +264,7 @@ def make_trajectory_scorer(apply_fn: ApplyFn, schedule: schedule_lib.Schedule, s
     ValueError: invalid config or kinds (here), or badly shaped inputs (at trace time).
   """
   s = check_scorer_config(scorer_cfg, feature_kinds)
-  specs = [kinds_lib.get(k) for k in kinds_lib.check(feature_kinds)]
+  specs = [kinds_lib.get(k) for k in kinds_lib.base_kinds(feature_kinds)]
   grid_steps = s.num_steps
   ts = schedule_lib.scorer_timesteps(schedule.num_timesteps, grid_steps)
   k0 = window_start(ts, s.t_min)   # windowed kinds use ts[k0:]

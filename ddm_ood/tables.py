@@ -11,11 +11,21 @@ def _f(x) -> str:
   return '' if x is None else f'{x:.4f}'
 
 
-def results_table(results: dict) -> str:
-  """One row per (ID, OOD) pair, AUROC / FPR95 columns per method, and the average row."""
-  kinds = list(dict.fromkeys(r['kind'] for r in results['rows']))
-  pairs = list(dict.fromkeys((r['id'], r['ood']) for r in results['rows']))
-  by = {(r['id'], r['ood'], r['kind']): r for r in results['rows']}
+def _rows(results: dict, suite: str | None) -> list[dict]:
+  return [r for r in results['rows'] if suite is None or r.get('suite', 'far') == suite]
+
+
+def _averages(results: dict, suite: str) -> dict:
+  return results.get('averages' if suite == 'far' else 'near_averages') or {}
+
+
+def results_table(results: dict, suite: str | None = None) -> str:
+  """One row per (ID, OOD) pair (of ``suite``: 'far', 'near' or None = all), AUROC / FPR95
+  columns per method, and the far suite's average row (the near one's for suite='near')."""
+  rows = _rows(results, suite)
+  kinds = list(dict.fromkeys(r['kind'] for r in rows))
+  pairs = list(dict.fromkeys((r['id'], r['ood']) for r in rows))
+  by = {(r['id'], r['ood'], r['kind']): r for r in rows}
   head = '| ID | OOD | ' + ' | '.join(f'{k} AUROC | {k} FPR95' for k in kinds) + ' |'
   lines = [head, '|' + '---|' * (2 + 2 * len(kinds))]
   for id_name, ood_name in pairs:
@@ -24,50 +34,70 @@ def results_table(results: dict) -> str:
       r = by.get((id_name, ood_name, k))
       cells += [f"{r['auroc']:.4f}", f"{r['fpr95']:.4f}"] if r else ['', '']
     lines.append(f'| {id_name} | {ood_name} | ' + ' | '.join(cells) + ' |')
-  avg = results['averages']
+  avg = _averages(results, 'near' if suite == 'near' else 'far')
   cells = []
   for k in kinds:
-    cells += [f"{avg[k]['auroc']:.4f}", f"{avg[k]['fpr95']:.4f}"]
+    cells += [f"{avg[k]['auroc']:.4f}", f"{avg[k]['fpr95']:.4f}"] if k in avg else ['', '']
   lines.append('| **average** | | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
 
 
-def averages_table(results: dict) -> str:
+def averages_table(results: dict, suite: str = 'far') -> str:
   """Suite averages per method with its role and the settings it ran with."""
   lines = ['| method | role | AUROC | FPR95 | AUPR-In | AUPR-Out | settings (per ID set) |',
            '|---|---|---|---|---|---|---|']
-  for k, v in results['averages'].items():
+  ids = list(dict.fromkeys(r['id'] for r in _rows(results, suite)))
+  for k, v in _averages(results, suite).items():
     lines.append(f'| {k} | {protocol.role(k)} | {v["auroc"]:.4f} | {v["fpr95"]:.4f} | '
-                 f'{v["aupr_in"]:.4f} | {v["aupr_out"]:.4f} | {settings_text(results, k)} |')
+                 f'{v["aupr_in"]:.4f} | {v["aupr_out"]:.4f} | {settings_text(results, k, ids)} |')
   return '\n'.join(lines)
 
 
-def settings_text(results: dict, method: str) -> str:
-  """'fashion_mnist: R=4 t>=0 zsum; ...' (empty for the baselines)."""
+def setting_text(s: dict, with_kind: bool = False) -> str:
+  """'R=4 t>=100 zsum' (+ ' +complexity'; 'stein_ddim: ...' with the kind)."""
+  text = f"R={s['num_draws']} t>={s['t_min']} {s['aggregation']}"
+  text += ' +complexity' if s.get('complexity') else ''
+  return f"{s['kind']}: {text}" if with_kind else text
+
+
+def settings_text(results: dict, method: str, ids=None) -> str:
+  """'fashion_mnist: R=4 t>=0 zsum; ...' (empty for the baselines); the default names the kind
+  it picked per ID set."""
   parts = []
   for id_name, per in (results.get('settings') or {}).items():
     s = (per.get(method) or {}).get('setting')
-    if s:
-      parts.append(f"{id_name}: R={s['num_draws']} t>={s['t_min']} {s['aggregation']}")
+    if s and (ids is None or id_name in ids):
+      parts.append(f'{id_name}: {setting_text(s, method == protocol.ZERO_SHOT)}')
   return '; '.join(parts)
 
 
-def variants_table(results: dict, kind: str = protocol.SEED_KIND) -> str:
-  """The seed method's variants (as published / zero-shot default / oracle) and the baselines,
-  per pair and on average, same checkpoint and images."""
-  methods = [m for m in (kind + protocol.PUBLISHED, kind, kind + protocol.ORACLE)
-             if m in results['averages']]
-  methods += [m for m in results['averages'] if protocol.role(m) == 'baseline']
-  names = [protocol.VARIANT_NAMES.get(m[len(kind):], m) if m.startswith(kind) else m
-           for m in methods]
-  by = {(r['id'], r['ood'], r['kind']): r['auroc'] for r in results['rows']}
-  pairs = list(dict.fromkeys((r['id'], r['ood']) for r in results['rows']))
+def variant_methods(results: dict, suite: str = 'far', every: bool = False) -> list[str]:
+  """The columns of `variants_table`: the seed method as published, the zero-shot default, the
+  oracle and the baselines; ``every``: all methods, the default first."""
+  avg = _averages(results, suite)
+  if every:
+    first = [m for m in (protocol.ZERO_SHOT,) if m in avg]
+    return first + [m for m in avg if m not in first]
+  methods = [m for m in (protocol.SEED_KIND + protocol.PUBLISHED, protocol.ZERO_SHOT,
+                         protocol.SEED_KIND + protocol.ORACLE) if m in avg]
+  return methods + [m for m in avg if protocol.role(m) == 'baseline']
+
+
+def variants_table(results: dict, suite: str = 'far', every: bool = False) -> str:
+  """AUROC per pair of ``suite`` and on average: the default, the seed method's variants and the
+  baselines (`variant_methods`), same checkpoint and images."""
+  methods = variant_methods(results, suite, every)
+  names = [protocol.VARIANT_NAMES.get(m, m) for m in methods]
+  rows = _rows(results, suite)
+  by = {(r['id'], r['ood'], r['kind']): r['auroc'] for r in rows}
+  pairs = list(dict.fromkeys((r['id'], r['ood']) for r in rows))
   lines = ['| ID | OOD | ' + ' | '.join(names) + ' |', '|' + '---|' * (2 + len(methods))]
   for id_name, ood in pairs:
     lines.append(f'| {id_name} | {ood} | ' +
                  ' | '.join(_f(by.get((id_name, ood, m))) for m in methods) + ' |')
+  avg = _averages(results, suite)
   lines.append('| **average AUROC** | | ' + ' | '.join(
-      _f(results['averages'][m]['auroc']) for m in methods) + ' |')
+      _f(avg[m]['auroc']) for m in methods) + ' |')
   return '\n'.join(lines)
 
 
@@ -78,6 +108,7 @@ def loo_table(results: dict, kind: str = protocol.SEED_KIND) -> str | None:
   if not loo:
     return None
   by = {(r['id'], r['ood'], r['kind']): r['auroc'] for r in results['rows']}
+  default = protocol.ZERO_SHOT if protocol.ZERO_SHOT in results['averages'] else kind
   lines = ['| OOD set | oracle, set seen | oracle, set left out | setting chosen without it | '
            'zero-shot default |', '|---|---|---|---|---|']
   seen_all, wo_all, zs_all = [], [], []
@@ -87,7 +118,7 @@ def loo_table(results: dict, kind: str = protocol.SEED_KIND) -> str | None:
       continue
     seen = float(np.mean([d['auroc_with'][i] for i in ids]))
     wo = float(np.mean([d['auroc_without'][i] for i in ids]))
-    zs = [by[(i, ood, kind)] for i in ids if (i, ood, kind) in by]
+    zs = [by[(i, ood, default)] for i in ids if (i, ood, default) in by]
     zs_mean = float(np.mean(zs)) if zs else None
     s = d['setting_without']
     seen_all.append(seen)
@@ -102,20 +133,43 @@ def loo_table(results: dict, kind: str = protocol.SEED_KIND) -> str | None:
 
 
 def selection_table(results: dict, kinds=None) -> str:
-  """The zero-shot protocol per ID set and kind: the chosen setting and its criterion (mean
-  AUROC of held-out ID images vs their synthetic anomalies), and the best criterion each kind
-  reached: what the protocol would pick if it also chose among the kinds."""
-  lines = ['| ID | kind | chosen | criterion | per corruption |', '|---|---|---|---|---|']
+  """The zero-shot protocol per ID set: each candidate kind's chosen setting with its criterion
+  (the low quantile of its per-corruption AUROCs of held-out ID images vs their synthetic
+  anomalies) and mean AUROC; the zero-shot default is the row marked **picked**."""
+  lines = ['| ID | kind | chosen setting | criterion | mean AUROC | worst corruption |',
+           '|---|---|---|---|---|---|']
   for id_name, per in (results.get('settings') or {}).items():
+    picked = ((per.get(protocol.ZERO_SHOT) or {}).get('setting') or {}).get('kind')
     for method, d in per.items():
-      if not d.get('selection') or '@' in method or (kinds and method not in kinds):
+      if (not d.get('selection') or '@' in method or method == protocol.ZERO_SHOT
+          or (kinds and method not in kinds)):
         continue
       best = max(d['selection'], key=lambda r: r['criterion'])
-      s = d['setting']
-      corr = ', '.join(f'{c} {a:.2f}' for c, a in best['auroc'].items())
-      lines.append(f"| {id_name} | {method} | R={s['num_draws']} t>={s['t_min']} "
-                   f"{s['aggregation']} | {best['criterion']:.4f} | {corr} |")
+      worst = min(best['auroc'], key=best['auroc'].get)
+      mark = ' **picked**' if method == picked else ''
+      lines.append(f"| {id_name} | {method}{mark} | {setting_text(d['setting'])} | "
+                   f"{best['criterion']:.4f} | {best.get('mean_auroc', best['criterion']):.4f} | "
+                   f"{worst} {best['auroc'][worst]:.2f} |")
   return '\n'.join(lines)
+
+
+def corruption_table(results: dict) -> str:
+  """Per ID set, the per-corruption AUROC (held-out ID images vs their synthetic anomalies) of
+  each candidate kind at its chosen setting: what each kind catches and misses."""
+  out = []
+  for id_name, per in (results.get('settings') or {}).items():
+    zs = per.get(protocol.ZERO_SHOT) or {}
+    cands = zs.get('selection') or []
+    if not cands:
+      continue
+    corr = list(cands[0]['auroc'])
+    lines = [f'**{id_name}** (picked: {zs["setting"]["kind"]})', '',
+             '| kind | ' + ' | '.join(corr) + ' | criterion |', '|' + '---|' * (len(corr) + 2)]
+    for row in cands:
+      lines.append(f"| {row['setting']['kind']} | " + ' | '.join(
+          f"{row['auroc'][c]:.2f}" for c in corr) + f" | {row['criterion']:.4f} |")
+    out.append('\n'.join(lines))
+  return '\n\n'.join(out)
 
 
 def localisation_table(results: dict) -> str | None:
@@ -130,5 +184,6 @@ def localisation_table(results: dict) -> str | None:
       f"{loc['auroc_map']:.4f} | {loc['auroc_baseline']:.4f} |"])
 
 
-__all__ = ['results_table', 'averages_table', 'settings_text', 'variants_table', 'loo_table',
-           'selection_table', 'localisation_table']
+__all__ = ['results_table', 'averages_table', 'setting_text', 'settings_text', 'variant_methods',
+           'variants_table', 'loo_table', 'selection_table', 'corruption_table',
+           'localisation_table']

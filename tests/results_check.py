@@ -37,15 +37,25 @@ def check_rows_match_scores(results, scores):
   assert set(scores) == want_keys
 
 
+AVERAGES = {'far': 'averages', 'near': 'near_averages'}
+
+
+def suite_rows(results, suite):
+  return [r for r in results['rows'] if r['suite'] == suite]
+
+
 def check_averages(results):
-  """results['averages'][method] is the mean over that method's rows, for every metric."""
-  kinds = list(dict.fromkeys(r['kind'] for r in results['rows']))
-  assert list(results['averages']) == kinds
-  for k in kinds:
-    sel = [r for r in results['rows'] if r['kind'] == k]
-    for m in METRICS:
-      np.testing.assert_allclose(results['averages'][k][m], np.mean([r[m] for r in sel]),
-                                 rtol=1e-12, err_msg=f'{k} {m}')
+  """results['averages'] / ['near_averages'][method] is the mean over that method's rows of the
+  far / near suite, for every metric."""
+  for suite, key in AVERAGES.items():
+    rows = suite_rows(results, suite)
+    kinds = list(dict.fromkeys(r['kind'] for r in rows))
+    assert list(results[key]) == kinds, suite
+    for k in kinds:
+      sel = [r for r in rows if r['kind'] == k]
+      for m in METRICS:
+        np.testing.assert_allclose(results[key][k][m], np.mean([r[m] for r in sel]),
+                                   rtol=1e-12, err_msg=f'{suite} {k} {m}')
 
 
 def check_csv(results, path):
@@ -55,7 +65,7 @@ def check_csv(results, path):
   assert len(rows) == len(results['rows'])
   for got, r in zip(rows, results['rows']):
     assert (got['id'], got['ood'], got['kind']) == (r['id'], r['ood'], r['kind'])
-    assert got['role'] == r.get('role', '')
+    assert got['role'] == r.get('role', '') and got['suite'] == r['suite']
     assert (int(got['n_id']), int(got['n_ood'])) == (r['n_id'], r['n_ood'])
     for m in METRICS:
       assert abs(float(got[m]) - r[m]) <= 5e-7 + 1e-12, (m, got, r)
@@ -80,20 +90,22 @@ def _cells(line):
   return [c.strip() for c in line.strip().strip('|').split('|')]
 
 
-def check_results_table(results, text):
+def check_results_table(results, text, suite='far'):
   """The '| ID | OOD | <method> AUROC | <method> FPR95 | ...' table in ``text`` holds one row
-  per (ID, OOD) pair with every method's AUROC and FPR95 (4 decimals), then the average row."""
+  per (ID, OOD) pair of ``suite`` with every method's AUROC and FPR95 (4 decimals), then the
+  suite's average row."""
   header, body = markdown_table(text, 'ID')
-  kinds = list(dict.fromkeys(r['kind'] for r in results['rows']))
+  rows = suite_rows(results, suite)
+  kinds = list(dict.fromkeys(r['kind'] for r in rows))
   assert header == ['ID', 'OOD'] + [f'{k} {m}' for k in kinds for m in ('AUROC', 'FPR95')]
-  by = {(r['id'], r['ood'], r['kind']): r for r in results['rows']}
-  pairs = list(dict.fromkeys((r['id'], r['ood']) for r in results['rows']))
+  by = {(r['id'], r['ood'], r['kind']): r for r in rows}
+  pairs = list(dict.fromkeys((r['id'], r['ood']) for r in rows))
   assert [tuple(row[:2]) for row in body] == pairs + [('**average**', '')]
   for row in body:
     for k in kinds:
       for m, name in (('auroc', 'AUROC'), ('fpr95', 'FPR95')):
         cell = row[header.index(f'{k} {name}')]
-        want = (results['averages'][k][m] if row[0] == '**average**' else
+        want = (results[AVERAGES[suite]][k][m] if row[0] == '**average**' else
                 by[(row[0], row[1], k)][m])
         assert abs(float(cell) - want) <= 5e-5 + 1e-12, (row, k, m)
 
@@ -120,7 +132,10 @@ def check_run_outputs(workdir):
   ev = os.path.join(workdir, 'eval')
   check_csv(results, os.path.join(ev, 'results.csv'))
   with open(os.path.join(ev, 'results.md')) as f:
-    check_results_table(results, f.read())
+    text = f.read()
+  check_results_table(results, text)
+  if results['near_averages']:
+    check_results_table(results, text.split('## Near-OOD')[1], 'near')
   with open(os.path.join(workdir, 'report.md')) as f:
     report = f.read()
   check_results_table(results, report.split('## Results')[1].split('## Averages')[0])

@@ -2,6 +2,7 @@
 
 import gzip
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -369,3 +370,39 @@ def test_resize_via_goes_through_the_smaller_size(tmp_path):
                              atol=1e-6)
   # The detail above 32x32 is gone: much less pixel variance than the direct 64x64 images.
   assert np.var(np.diff(via, axis=1)) < 0.5 * np.var(np.diff(direct, axis=1))
+
+
+def test_class_splits_are_views_of_the_parent():
+  """'NAME[CLASSES]' is NAME's split filtered by label, in its order; max_examples=n views
+  NAME's first n images, and each image keeps its index in NAME (near-OOD pairs)."""
+  from ddm_ood.data import builtin
+  cfg = make_cfg(28, 1)
+  for name, labels in (('mnist', builtin._mnist_labels), ('fashion_mnist',
+                                                         builtin._fashion_mnist_labels)):
+    for split in ('train', 'test'):
+      parent = data.load_images(name, split, cfg, max_examples=600)
+      lab = labels(split)[:600]
+      np.testing.assert_array_equal(data.load_images(f'{name}[0-4]', split, cfg, max_examples=600),
+                                    parent[lab < 5])
+      idx = data.class_split_indices(f'{name}[5,6-9]', split, cfg, 600)
+      np.testing.assert_array_equal(idx, np.flatnonzero(lab >= 5))
+      np.testing.assert_array_equal(data.load_images(f'{name}[5,6-9]', split, cfg,
+                                                     max_examples=600), parent[idx])
+  np.testing.assert_array_equal(data.class_split_indices('mnist', 'train', cfg, 7), np.arange(7))
+  assert len(builtin._fashion_mnist_labels('test')) == 10000
+  assert np.bincount(builtin._mnist_labels('train'), minlength=10).sum() == 4000
+  assert data.parse_class_split('textures[Stone,wood]') == ('textures',
+                                                            frozenset({'stone', 'wood'}))
+  assert data.parse_class_split('mnist') == ('mnist', None)
+  # Textures: each crop's class is its pattern's folder.
+  tcfg = make_cfg(16, 1, texture_crops=60)
+  crops = data.load_images('textures', 'test', tcfg)
+  idx = data.class_split_indices('textures[legacy]', 'test', tcfg)
+  files, which, _ = builtin._texture_crop_plan('test', tcfg, 0)
+  assert idx.size and all(builtin.texture_category(files[which[i]]) == 'legacy' for i in idx)
+  np.testing.assert_array_equal(data.load_images('textures[legacy]', 'test', tcfg), crops[idx])
+  assert 'classes' in data.source_info('mnist') and 'stone' in data.source_info('textures[stone]')
+  for bad, msg in (('mnist[10]', "unknown class '10'"), ('digits[1]', 'class splits'),
+                   ('textures[lava]', 'unknown class'), ('mnist[]', 'unknown class')):
+    with pytest.raises(data.DataError, match=re.escape(msg)):
+      data.check_source_name(bad)

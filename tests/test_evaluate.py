@@ -9,6 +9,8 @@ import jax
 import numpy as np
 import pytest
 
+from ddm_ood import kinds
+from ddm_ood import protocol
 from tests import results_check
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,30 +35,55 @@ def test_result_files(workdir):
   # Every metric equals ddm_ood.metrics on the saved scores; the csv, results.md and the report's
   # tables equal results.json cell by cell.
   res, _ = results_check.check_run_outputs(workdir)
-  assert {(r['n_id'], r['n_ood']) for r in res['rows']} == {(32, 32)}   # eval.num_test
-  kinds = set(r['kind'] for r in res['rows'])
-  assert kinds == {'stein_ssim', 'stein_ssim@published', 'stein', 'diffpath_6d', 'diffpath_1d'}
+  # eval.num_test; a class split views its parent's first num_test images.
+  from ddm_ood import data, workdir as workdir_lib
+  config = workdir_lib.load_config(workdir)
+  n_low, n_high = (len(data.class_split_indices(f'mnist[{c}]', 'test', config.data, 32))
+                   for c in ('0-4', '5-9'))
+  assert n_low + n_high == 32
+  assert {(r['n_id'], r['n_ood']) for r in res['rows']} == {(32, 32), (n_low, n_high)}
+  selected = ['stein_ssim', 'stein', 'eps_ssim', 'stein_ssim_ddim', 'stein_ddim',
+              'stein+stein_ddim']
   roles = {r['kind']: r['role'] for r in res['rows']}
-  assert roles == {'stein_ssim': 'method', 'stein_ssim@published': 'method', 'stein': 'ablation',
+  assert roles == {'zero_shot': 'method', 'stein_ssim': 'method', 'stein_ssim@published': 'method',
+                   **{k: 'ablation' for k in selected[1:]},
                    'diffpath_6d': 'baseline', 'diffpath_1d': 'baseline'}
-  # The zero-shot rows carry the setting the ID-only protocol chose (a window of the run's grid)
-  # and the as-published row R = 1 on the whole window, plain sum.
-  s = res['settings']['fashion_mnist']
-  assert s['stein_ssim']['setting']['aggregation'] == 'zsum'
-  assert s['stein_ssim']['setting']['t_min'] in (25, 50)
-  assert len(s['stein_ssim']['selection']) == 2   # t_min_fractions (0, 0.5): t >= 0, 50, snapped to the window 25..75
-  assert s['stein_ssim@published']['setting'] == dict(
-      kind='stein_ssim', draws='first', num_draws=1, t_min=25, k0=0, aggregation='sum')
-  assert s['diffpath_6d']['setting'] is None
-  pairs = set((r['id'], r['ood']) for r in res['rows'])
-  assert pairs == {('fashion_mnist', 'mnist'), ('fashion_mnist', 'noise_gaussian')}
+  # The zero-shot rows carry the setting the ID-only protocol chose (a window of the run's grid,
+  # then the complexity statistics on or off) and the as-published row R = 1 on the whole
+  # window, plain sum.
+  for id_name in ('fashion_mnist', 'mnist[0-4]'):
+    s = res['settings'][id_name]
+    assert s['stein_ssim']['setting']['aggregation'] == 'zsum'
+    assert s['stein_ssim']['setting']['t_min'] in (25, 50)
+    # t_min_fractions (0, 0.5): t >= 0, 50, snapped to the window 25..75; then complexity on.
+    assert len(s['stein_ssim']['selection']) == 3
+    assert [r['setting']['complexity'] for r in s['stein_ssim']['selection']] == [
+        False, False, True]
+    assert s['stein_ssim@published']['setting'] == dict(
+        kind='stein_ssim', draws='first', num_draws=1, t_min=25, k0=0, aggregation='sum',
+        complexity=False)
+    assert s['diffpath_6d']['setting'] is None
+    # The default is the candidate kind whose chosen setting has the best criterion.
+    zs = s['zero_shot']
+    assert [r['setting']['kind'] for r in zs['selection']] == selected
+    crit = {r['setting']['kind']: r['criterion'] for r in zs['selection']}
+    assert zs['setting']['kind'] == max(crit, key=crit.get)
+    assert zs['setting'] == s[zs['setting']['kind']]['setting']
+    for k in selected:
+      assert crit[k] == max(r['criterion'] for r in s[k]['selection'])
+  pairs = set((r['id'], r['ood'], r['suite']) for r in res['rows'])
+  assert pairs == {('fashion_mnist', 'mnist', 'far'), ('fashion_mnist', 'noise_gaussian', 'far'),
+                   ('mnist[0-4]', 'mnist[5-9]', 'near')}
   for r in res['rows']:
-    if '@' not in r['kind']:
+    if r['kind'] in kinds.NAMES:   # the base kinds have per-timestep statistics
       assert len(r['per_timestep_auroc']) == len(res['kind_timesteps'][r['kind']])
+    else:
+      assert 'per_timestep_auroc' not in r
   # The run's t_min = 25 on the grid 0, 25, 50, 75 (T = 100, K = 4): the seed kinds use the
   # window, the DiffPath baselines the whole grid.
   assert res['timesteps'] == [0, 25, 50, 75]
   assert res['kind_timesteps']['stein_ssim'] == res['kind_timesteps']['stein'] == [25, 50, 75]
+  assert res['kind_timesteps']['stein+stein_ddim'] == [25, 50, 75]
   assert res['kind_timesteps']['diffpath_6d'] == [0, 25, 50, 75]
 
 
@@ -75,7 +102,8 @@ def test_plots_show_the_saved_results(workdir, tmp_path, monkeypatch):
   # one ID panel; 3 example sets (ID + 2 OOD) x 2 images, rows of 10 x 2.1 (5 columns: image,
   # denoised, error, weighted error, anomaly map); 6 x 6; 6 x 3.5.
   sizes = {'roc_fashion_mnist.png': (648, 288), 'hist_fashion_mnist.png': (648, 288),
-           'per_timestep_auroc.png': (324, 288), 'examples.png': (900, 1134),
+           'roc_mnist_0-4_.png': (324, 288), 'hist_mnist_0-4_.png': (324, 288),
+           'per_timestep_auroc.png': (648, 288), 'examples.png': (900, 1134),
            'samples.png': (540, 540), 'loss_curve.png': (540, 315)}
   text = open(os.path.join(workdir, 'report.md')).read()
   assert set(re.findall(r'\]\(plots/([^)]+)\)', text)) == set(os.listdir(plots)) == set(sizes)
@@ -96,7 +124,7 @@ def test_plots_show_the_saved_results(workdir, tmp_path, monkeypatch):
   out = {
       'roc_fashion_mnist.png': lambda p: report.plot_roc(res, scores, 'fashion_mnist', p),
       'hist_fashion_mnist.png': lambda p: report.plot_histograms(res, scores, 'fashion_mnist',
-                                                                 'stein_ssim', p),
+                                                                 'zero_shot', p),
       'per_timestep_auroc.png': lambda p: report.plot_per_timestep(res, 'stein_ssim', p),
       'samples.png': lambda p: report.plot_samples(grid_png, p),
       'loss_curve.png': lambda p: report.plot_loss(workdir, p)}
@@ -107,7 +135,7 @@ def test_plots_show_the_saved_results(workdir, tmp_path, monkeypatch):
     calls[f] = [(n, ax.get_title(), args, kw) for n, ax, args, kw in drawn[start:]]
     np.testing.assert_array_equal(_png(tmp_path / f), _png(os.path.join(plots, f)), err_msg=f)
 
-  by = {(r['ood'], r['kind']): r for r in res['rows']}
+  by = {(r['ood'], r['kind']): r for r in res['rows'] if r['id'] == 'fashion_mnist'}
   # ROC: one curve per method and OOD set, the ROC of the saved scores, whose trapezoid area is
   # the row's AUROC (also in the legend), plus the chance diagonal.
   roc = {(title, kw.get('label')): args for n, title, args, kw in calls['roc_fashion_mnist.png']}
@@ -121,19 +149,19 @@ def test_plots_show_the_saved_results(workdir, tmp_path, monkeypatch):
     np.testing.assert_array_equal(tpr, want_tpr)
     area = np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2)
     assert abs(area - by[(o, k)]['auroc']) < 1e-12, (o, k)
-  # Histograms: the seed method's ID and OOD scores, clipped only at the pooled 0.5 / 99.5
+  # Histograms: the default's ID and OOD scores, clipped only at the pooled 0.5 / 99.5
   # percentiles (at most the pooled minimum and maximum of 64 scores move).
   hists = [(title, kw['label'], args[0]) for n, title, args, kw in calls['hist_fashion_mnist.png']]
   assert [(t, l) for t, l, _ in hists] == [
-      (f'stein_ssim: fashion_mnist vs {o}', lab) for o in ('mnist', 'noise_gaussian')
+      (f'zero_shot: fashion_mnist vs {o}', lab) for o in ('mnist', 'noise_gaussian')
       for lab in ('ID fashion_mnist', f'OOD {o}')]
   for title, label, x in hists:
     ood = title.split(' vs ')[1]
-    s = scores[f"fashion_mnist|stein_ssim|{'id' if label.startswith('ID') else ood}"]
+    s = scores[f"fashion_mnist|zero_shot|{'id' if label.startswith('ID') else ood}"]
     assert x.shape == s.shape and np.count_nonzero(x != s) <= 2, (title, label)
   # Per-timestep AUROC: the rows' curves over the seed method's window.
   lines = {kw['label']: args for n, title, args, kw in calls['per_timestep_auroc.png']
-           if n == 'plot'}
+           if n == 'plot' and title.endswith('fashion_mnist')}
   assert set(lines) == {'mnist', 'noise_gaussian'}
   for o, (t, a) in lines.items():
     assert list(t) == res['kind_timesteps']['stein_ssim'] == [25, 50, 75]
@@ -159,20 +187,31 @@ def test_features_are_cached(workdir):
   # One file per (dataset, split, count) the suite used, under the checkpoint's step: ID train
   # (num_fit 64 + num_val 24), the synthetic anomalies of the 24 held-out images, and the test
   # splits (num_test 32), each with the rows of every feature kind.
+  # Fused kinds are made of their parts, which are cached.
+  from ddm_ood import data
   config = workdir_lib.load_config(workdir)
   found = {}
   for f in files:
-    m = re.fullmatch(r'(\w+)__(train|test|synthetic[0-9a-f]{8})__n(\d+)__[0-9a-f]{12}\.npz',
+    m = re.fullmatch(r'([\w-]+)__(train|test|synthetic[0-9a-f]{8})__n(\d+)__[0-9a-f]{12}\.npz',
                      os.path.basename(f))
     assert m and os.path.basename(os.path.dirname(f)) == 'step_00000004', f
     split = 'synthetic' if m[2].startswith('synthetic') else m[2]
     found[(m[1], split)] = int(m[3])
     with np.load(f) as z:
-      for kind in config.eval.feature_kinds:
-        assert len(z[f'features/{kind}']) == int(m[3]), (f, kind)
-  assert len(found) == len(files) and found == {
+      rows = len(z['complexity/image'])
+      assert rows == int(m[3]) or split == 'synthetic', f
+      for kind in kinds.base_kinds(config.eval.feature_kinds):
+        assert len(z[f'features/{kind}']) == rows, (f, kind)
+      assert z['complexity/image'].shape == (rows, 2)
+  # The near-OOD class splits are views of mnist: its train and test rows, cached once; only
+  # the synthetic anomalies of mnist[0-4]'s held-out images are its own.
+  syn = found.pop(('mnist_0-4_', 'synthetic'))
+  held_out = data.class_split_indices('mnist[0-4]', 'train', config.data, 88)
+  assert syn == held_out[-1] + 1 - held_out[np.searchsorted(held_out, 64)]
+  assert len(found) == len(files) - 1 and found == {
       ('fashion_mnist', 'train'): 88, ('fashion_mnist', 'synthetic'): 24,
-      ('fashion_mnist', 'test'): 32, ('mnist', 'test'): 32, ('noise_gaussian', 'test'): 32}
+      ('fashion_mnist', 'test'): 32, ('mnist', 'test'): 32, ('noise_gaussian', 'test'): 32,
+      ('mnist', 'train'): 88}
   before = {f: os.path.getmtime(f) for f in files}
   res = evaluate.run_suite(config, workdir, make_report=False)
   assert {f: os.path.getmtime(f) for f in files} == before  # read back, not recomputed
@@ -214,10 +253,15 @@ def test_zero_shot_choice_never_depends_on_the_ood_sets(workdir, tmp_path):
   config = workdir_lib.load_config(copy)
   first = json.load(open(os.path.join(workdir, 'eval', 'results.json')))['settings']
   config.eval.ood_datasets = ('noise_uniform',)
+  config.eval.near_ood_pairs = (('mnist[0-4]', 'digits'),)
   res = evaluate.run_suite(config, copy, make_report=False)
-  for method in ('stein_ssim', 'stein', 'stein_ssim@published'):
-    assert res['settings']['fashion_mnist'][method] == first['fashion_mnist'][method], method
-  assert {r['ood'] for r in res['rows']} == {'noise_uniform'}
+  # Every selected kind's setting (fused ones too), the default's pick among them with every
+  # candidate's criterion, and the published row: the same, whatever the OOD sets.
+  for id_name in ('fashion_mnist', 'mnist[0-4]'):
+    for method in ('zero_shot', *protocol.selected_kinds(config.eval.feature_kinds),
+                   'stein_ssim@published'):
+      assert res['settings'][id_name][method] == first[id_name][method], (id_name, method)
+  assert {r['ood'] for r in res['rows']} == {'noise_uniform', 'digits'}
 
 
 def test_embedded_api_matches_suite_scores(workdir):
@@ -238,13 +282,49 @@ def test_embedded_api_matches_suite_scores(workdir):
   ids = np.arange(5, dtype=np.int32)
   s = f(ood.unet_params, ood.detector_params, images[:5], ids, ood.key)
   np.testing.assert_allclose(np.asarray(s), saved[:5], rtol=1e-4, atol=1e-4)
-  # Every method of the results loads and scores as the suite did.
+  # Every method of the results (fused kinds, the complexity statistics and the default's pick
+  # included) loads and scores as the suite did; the API's default is the zero-shot default.
   all_scores = np.load(os.path.join(workdir, 'eval', 'scores.npz'))
-  for method in ('stein_ssim@published', 'stein', 'diffpath_6d', 'diffpath_1d'):
-    got = api.load_anomaly_scorer(workdir, kind=method)(images[:8], np.arange(8, dtype=np.int32))
+  res = json.load(open(os.path.join(workdir, 'eval', 'results.json')))
+  methods = list(res['averages'])
+  assert methods[0] == 'zero_shot' and 'stein+stein_ddim' in methods
+  for method in methods:
+    ood_m = api.load_anomaly_scorer(workdir, kind=method)
+    got = ood_m(images[:8], np.arange(8, dtype=np.int32))
     want = all_scores[f'fashion_mnist|{method}|id'][:8]
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max(),
-                               err_msg=method)
+    # The SSIM map of the DDIM path amplifies float32 rounding (the suite runs sharded over 2
+    # devices, the API on one): its per-timestep statistics agree to 1e-3, the scores to 3%.
+    tol = 3e-2 if 'stein_ssim_ddim' in (ood_m.scorer_kind or '') else 1e-4
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max(), err_msg=method)
+  default = api.load_anomaly_scorer(workdir)
+  assert default.kind == 'zero_shot'
+  assert default.scorer_kind == res['settings']['fashion_mnist']['zero_shot']['setting']['kind']
+
+
+def test_embedded_fn_of_a_fused_kind_with_complexity_matches_the_suite(workdir):
+  """The pure function of a setting (fused kind, complexity statistics) scores images as the
+  suite's statistics do, whatever the protocol happened to pick on the tiny run."""
+  from ddm_ood import api, data, evaluate, selection
+  from ddm_ood import workdir as workdir_lib
+  config = workdir_lib.load_config(workdir)
+  ood = api.load_anomaly_scorer(workdir, kind='stein_ssim')
+  extractor = evaluate.FeatureExtractor(config, ood.unet_params, ood.step,
+                                        cache_dir=os.path.join(workdir, 'features'))
+  fit = extractor.features('fashion_mnist', 'train', 88)
+  test = extractor.features('fashion_mnist', 'test', 32)
+  images = data.load_images('fashion_mnist', 'test', config.data, max_examples=6,
+                            seed=config.seed)
+  for setting in (selection.Setting('stein+stein_ddim', 'all', 1, 'zsum', True),
+                  selection.Setting('stein_ssim', 'first', 0, 'concat', True)):
+    det = selection.fit(setting, fit, len(protocol.grid_of(config, setting.kind)),
+                        config.detector, 0)
+    fn = jax.jit(api.make_anomaly_fn(ood.apply_fn, ood.schedule, config.scorer, setting.kind,
+                                     setting.draws, setting.complexity))
+    got = fn(ood.unet_params, (det.reducer, det.params), images, np.arange(6, dtype=np.int32),
+             ood.key)
+    want = selection.score(det, setting, test)[:6]
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4 * np.abs(want).max(),
+                               err_msg=str(setting))
 
 
 def test_api_bad_input(workdir):
@@ -310,17 +390,19 @@ def test_main_job_on_embedded_default_at_reduced_size(tmp_path):
   res = json.load(open(tmp_path / 'eval' / 'results.json'))
   from configs import fashion_mnist
   ev = fashion_mnist.get_config().eval
-  methods = list(ev.feature_kinds) + ['stein_ssim@published', 'stein_ssim@oracle']
-  expected = {(i, o, k) for i in ev.id_datasets for o in ev.ood_datasets if o != i
+  methods = ['zero_shot', *ev.feature_kinds, 'stein_ssim@published', 'stein_ssim@oracle']
+  expected = {(i, o, k, 'far') for i in ev.id_datasets for o in ev.ood_datasets if o != i
               for k in methods}
-  assert {(r['id'], r['ood'], r['kind']) for r in res['rows']} == expected
+  expected |= {(i, o, k, 'near') for i, o in ev.near_ood_pairs for k in methods}
+  assert {(r['id'], r['ood'], r['kind'], r['suite']) for r in res['rows']} == expected
   assert res['kind_timesteps']['stein_ssim'] == [0, 200, 400, 600, 800]
   assert res['kind_timesteps']['diffpath_6d'] == [0, 200, 400, 600, 800]
   # The leave-one-out check covers every OOD set; the localisation study ran on 6 images.
   assert set(res['leave_one_out']) == set(ev.ood_datasets)
   assert res['localisation']['num_images'] == 6 and res['localisation']['donor'] == 'textures'
   report = open(tmp_path / 'report.md').read()
-  for section in ('three ways', 'Leave-one-OOD-set-out', 'Localisation', 'Zero-shot selection'):
+  for section in ('The zero-shot default', 'Near-OOD: class splits', 'Leave-one-OOD-set-out',
+                  'Localisation', 'Zero-shot selection', 'Per-corruption AUROC'):
     assert section in report, section
   results_check.check_run_outputs(str(tmp_path))
   import re  # pylint: disable=g-import-not-at-top
@@ -328,6 +410,7 @@ def test_main_job_on_embedded_default_at_reduced_size(tmp_path):
   # Every plot is linked from the report: ROC and histograms per ID set, and one of each other.
   linked = set(re.findall(r'\]\(plots/([^)]+)\)', report))
   assert linked == set(os.listdir(tmp_path / 'plots')) == {
-      f'{p}_{evaluate.safe_name(i)}.png' for i in ev.id_datasets for p in ('roc', 'hist')} | {
+      f'{p}_{evaluate.safe_name(i)}.png' for i in [*ev.id_datasets, *(
+          i for i, _ in ev.near_ood_pairs)] for p in ('roc', 'hist')} | {
           'per_timestep_auroc.png', 'examples.png', 'samples.png', 'loss_curve.png',
           'localisation.png'}

@@ -27,8 +27,9 @@ def test_registry_is_the_only_list_of_kinds():
   assert scorer.FEATURE_DIMS == {k: (1 if k == 'diffpath_1d' else 6) for k in kinds.NAMES}
   assert protocol.SEED_KIND == kinds.SEED == 'stein_ssim'
   assert protocol.BASELINE_KINDS == kinds.BASELINES == ('diffpath_6d', 'diffpath_1d')
-  assert [protocol.role(m) for m in ('stein_ssim@oracle', 'stein', 'stein_ddim', 'diffpath_1d')] \
-      == ['method', 'ablation', 'ablation', 'baseline']
+  assert [protocol.role(m) for m in ('zero_shot', 'stein_ssim@oracle', 'stein', 'stein_ddim',
+                                     'stein+stein_ddim', 'diffpath_1d')] \
+      == ['method', 'method', 'ablation', 'ablation', 'ablation', 'baseline']
   # Trajectory routing: the '*_ddim' ablations and the baselines always read the DDIM path.
   assert {k: kinds.get(k).trajectory_for('forward') for k in kinds.NAMES} == {
       'stein_ssim': 'forward', 'stein': 'forward', 'eps_ssim': 'forward', 'diffpath_6d': 'ddim',
@@ -36,6 +37,27 @@ def test_registry_is_the_only_list_of_kinds():
   assert {kinds.get(k).trajectory_for('ddim') for k in kinds.NAMES} == {'ddim'}
   assert protocol.needs_selection(('stein', 'diffpath_6d'))
   assert not protocol.needs_selection(kinds.BASELINES)
+  # 'selected' is its own field, not a reading of the role.
+  assert {k for k in kinds.NAMES if kinds.get(k).selected} == set(kinds.FUSABLE) == {
+      'stein_ssim', 'stein', 'eps_ssim', 'stein_ssim_ddim', 'stein_ddim'}
+
+
+def test_fused_kinds_are_built_from_their_name():
+  k = kinds.get('stein+stein_ddim')
+  assert k.fused and k.parts == k.base_kinds == ('stein', 'stein_ddim')
+  assert k.selected and k.windowed and k.dim == 12 and not k.has_pixel_map
+  assert k.trajectories_for('forward') == ('forward', 'ddim')
+  assert kinds.get('stein_ssim+stein_ssim_ddim+stein').dim == 18
+  assert kinds.base_kinds(('stein_ssim', 'stein+stein_ddim', 'diffpath_6d', 'stein_ddim')) == (
+      'stein_ssim', 'stein', 'stein_ddim', 'diffpath_6d')
+  with pytest.raises(ValueError, match="'diffpath_6d' cannot be fused"):
+    kinds.get('stein+diffpath_6d')
+  with pytest.raises(ValueError, match='two or more different'):
+    kinds.get('stein+stein')
+  with pytest.raises(ValueError, match='reads several trajectories'):
+    k.trajectory_for('forward')
+  assert kinds.default_method(('stein', 'diffpath_6d')) == 'zero_shot'
+  assert kinds.default_method(('diffpath_6d', 'diffpath_1d')) == 'diffpath_6d'
 
 
 def test_unknown_kinds_are_named():
@@ -45,9 +67,10 @@ def test_unknown_kinds_are_named():
     kinds.check(())
   with pytest.raises(ValueError, match=r"write \('stein',\)"):
     kinds.check('stein')
-  assert kinds.check(('stein', 'stein', 'diffpath_1d')) == ('stein', 'diffpath_1d')
+  with pytest.raises(ValueError, match=r"lists \['stein'\] more than once"):
+    kinds.check(('stein', 'stein', 'diffpath_1d'))
   with pytest.raises(ValueError, match='Invalid kind'):
-    kinds.Kind('x', 'sideways', 'stein', True, '6d', 'method')
+    kinds.Kind('x', 'sideways', 'stein', True, '6d', 'method', True)
 
 
 def test_settings_take_the_one_default_of_each_field():

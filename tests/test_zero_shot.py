@@ -6,9 +6,11 @@ import ml_collections
 import numpy as np
 import pytest
 
+from ddm_ood import default_config
 from ddm_ood import detector
 from ddm_ood import workdir
 from ddm_ood import features
+from ddm_ood import metrics
 from ddm_ood import selection
 from ddm_ood import synthetic
 
@@ -130,6 +132,88 @@ def test_synthetic_anomalies_are_deterministic_and_change_every_image():
     synthetic.make_anomalies(x[:1], 0)
 
 
+def _strokes(n, size=16, seed=0):
+  """Bright random strokes on a dark background, in [-1, 1] (MNIST-like)."""
+  rng = np.random.default_rng(seed)
+  x = -np.ones((n, size, size, 1), np.float32)
+  for i in range(n):
+    r = rng.integers(3, size - 3)
+    x[i, r - 1:r + 2, 2:size - 2] = rng.uniform(0.5, 1.0)
+    c = rng.integers(3, size - 3)
+    x[i, 2:size - 2, c - 1:c + 2] = rng.uniform(0.5, 1.0)
+  return x
+
+
+@pytest.mark.parametrize('name', synthetic.CORRUPTIONS)
+def test_every_corruption_is_deterministic_and_keeps_shape_and_range(name):
+  x = np.concatenate([_strokes(6), np.clip(np.random.default_rng(1).normal(
+      size=(6, 16, 16, 1)), -1, 1).astype(np.float32)])
+  a, which = synthetic.make_anomalies(x, 7, (name,), per_image=2)
+  b, _ = synthetic.make_anomalies(x, 7, (name,), per_image=2)
+  np.testing.assert_array_equal(a, b)
+  assert a.shape == (24, 16, 16, 1) and a.dtype == np.float32
+  assert a.min() >= -1 and a.max() <= 1
+  np.testing.assert_array_equal(which, 0)
+  assert np.mean([np.abs(a[j] - x[j % 12]).max() > 1e-3 for j in range(24)]) >= 0.9, name
+  assert synthetic.family_of(name) in synthetic.FAMILIES
+
+
+def test_near_ood_corruptions_do_what_they_say():
+  x = _strokes(8)
+  names = ('erode', 'dilate', 'low_contrast', 'quantise', 'erase', 'rescale', 'shift',
+           'mix_halves')
+  a, which = synthetic.make_anomalies(x, 0, names)
+  ink = lambda im: (im + 1).sum()    # background -1
+  for i in range(8):
+    c, y, donor = names[which[i]], a[i], x[(i + 4) % 8]
+    if c == 'erode':          # thinner strokes: less ink, never brighter
+      assert np.all(y <= x[i] + 1e-6) and ink(y) < 0.7 * ink(x[i])
+    elif c == 'dilate':       # thicker strokes
+      assert np.all(y >= x[i] - 1e-6) and ink(y) > 1.3 * ink(x[i])
+    elif c == 'low_contrast':  # pulled towards the background (-1): 35-60% of the ink
+      assert 0.34 < ink(y) / ink(x[i]) < 0.61
+    elif c == 'quantise':     # two grey levels
+      assert len(np.unique(y)) <= 2
+    elif c == 'erase':        # a rectangle set to the background, nothing else changed
+      changed = np.any(y != x[i], -1)
+      assert np.all(y[changed] == -1) and changed.any()
+    elif c in ('rescale', 'shift'):   # the same kind of image, moved or resized
+      assert abs(ink(y) - ink(x[i])) > 1 or np.abs(y - x[i]).max() > 0.5
+    elif c == 'mix_halves':   # one half is the donor's
+      h = 8
+      halves = [(slice(0, h), slice(None)), (slice(h, None), slice(None)),
+                (slice(None), slice(0, h)), (slice(None), slice(h, None))]
+      assert any(np.array_equal(y[s], donor[s]) and np.array_equal(
+          np.delete(y, range(*s[0].indices(16)), 0) if s[1] == slice(None) else
+          np.delete(y, range(*s[1].indices(16)), 1),
+          np.delete(x[i], range(*s[0].indices(16)), 0) if s[1] == slice(None) else
+          np.delete(x[i], range(*s[1].indices(16)), 1)) for s in halves)
+  # per_image > 1: the first N anomalies are those of per_image = 1; the next N use other seeds.
+  b, wb = synthetic.make_anomalies(x, 0, names, per_image=3)
+  np.testing.assert_array_equal(b[:8], a)
+  np.testing.assert_array_equal(wb, np.arange(24) % len(names))
+  with pytest.raises(ValueError, match='per_image'):
+    synthetic.make_anomalies(x, 0, names, per_image=0)
+
+
+def test_corruption_registry_is_the_config_default():
+  assert tuple(default_config.get_config().select.corruptions) == synthetic.CORRUPTIONS
+  assert set(synthetic.REGISTRY) == set(synthetic.CORRUPTIONS)
+  for fam in synthetic.FAMILIES:
+    assert any(c.family == fam for c in synthetic.REGISTRY.values())
+  with pytest.raises(ValueError, match='registered twice'):
+    synthetic.register('blur', 'simpler')(lambda x, d, r: x)
+
+
+def test_criterion_is_a_low_quantile_of_the_corruptions():
+  per = {'a': 1.0, 'b': 0.9, 'c': 0.5, 'd': 0.3, 'e': 1.0, 'f': 1.0}
+  assert selection.criterion(per, 1.0) == pytest.approx(np.mean(list(per.values())))
+  assert selection.criterion(per, 1 / 3) == pytest.approx(0.4)     # the 2 worst of 6
+  assert selection.criterion(per, 0.01) == pytest.approx(0.3)       # the worst
+  with pytest.raises(ValueError, match='quantile'):
+    selection.criterion(per, 0)
+
+
 def _flat_dict(per_t_r, per_d_r, kind='stein_ssim'):
   return {f'per_draw/{kind}': per_t_r, f'per_draw_deriv/{kind}': per_d_r}
 
@@ -187,7 +271,7 @@ def test_draws_first_uses_draw_zero_only_and_fit_matches_manual():
       features.reduce(fitted.reducer, stats))), rtol=1e-6)
   desc = s.describe(np.arange(K) * 100, num_draws=3)
   assert desc == dict(kind='stein_ssim', draws='first', num_draws=1, t_min=100, k0=1,
-                      aggregation='zsum')
+                      aggregation='zsum', complexity=False)
   assert selection.Setting.from_description(desc) == s
 
 
@@ -230,3 +314,35 @@ def test_oracle_leave_one_out_excludes_the_set():
   best_wo, table = selection.select_oracle(cands, ['id'], fitted, vals, ood, exclude=['early'])
   assert best_wo.k0 == 4                  # without 'early', the late window wins ...
   assert all('early' not in pair for row in table for pair in row['auroc'])
+
+
+def test_scores_see_both_tails_with_complexity():
+  """Images whose error energy is far below (or above) what ID images of their complexity show
+  are flagged. Without the complexity statistics the low ones hide in the ID energy range:
+  exactly the failure of error-energy scores on inputs simpler than the ID data."""
+  rng = np.random.default_rng(11)
+
+  def make(n, energy_factor):
+    cx = rng.uniform(-1.0, 1.0, size=(n, 1))                   # complexity, varies a lot
+    level = (1.0 + 0.8 * cx) * energy_factor                    # ID energy grows with it
+    per_t = rng.normal(size=(n, 2, K, 3)) * 0.05
+    per_t[..., 1] += level[:, None] * np.linspace(1, 2, K)[None, None, :]
+    per_t[..., 0] += 0.3 * level[:, None]
+    d = _flat_dict(per_t, np.diff(per_t, axis=2))
+    d[selection.COMPLEXITY_KEY] = np.concatenate([cx, 0.5 * cx + 0.05 * rng.normal(size=(n, 1))],
+                                                 1).astype(np.float32)
+    return d
+
+  fit, test_id = make(400, 1.0), make(200, 1.0)
+  low, high = make(200, 0.5), make(200, 1.6)        # energy 0.5x / 1.6x of ID at equal complexity
+  energy = lambda d: d['per_draw/stein_ssim'][:, :, :, 1].mean((1, 2))
+  # The low set's energies lie inside the ID range: no one-sided energy threshold finds them.
+  assert np.percentile(energy(low), 90) < np.percentile(energy(test_id), 90)
+  aurocs = {}
+  for c in (False, True):
+    s = selection.Setting('stein_ssim', 'all', 0, 'zsum', c)
+    det = selection.fit(s, fit, K, _det_cfg(), 0)
+    s_id = selection.score(det, s, test_id)
+    aurocs[c] = [float(metrics.auroc(s_id, selection.score(det, s, o))) for o in (low, high)]
+  assert aurocs[True][0] > 0.95 and aurocs[True][1] > 0.95, aurocs    # both tails flagged
+  assert aurocs[False][0] < 0.8, aurocs    # without complexity the simpler inputs hide

@@ -12,6 +12,9 @@ Sources (see :func:`available_sources` and :func:`source_info`):
 * Synthetic controls: ``noise_gaussian``, ``noise_uniform``, ``constant``.
 * ``folder:PATH``: any folder of PNG / JPEG / BMP / GIF / WebP images.
 * ``tfds:NAME``: TensorFlow Datasets (paper-scale data; TensorFlow is imported only on this path).
+* Class splits ``NAME[CLASSES]`` of the sources with classes (``mnist``, ``fashion_mnist``,
+  ``textures``), e.g. ``mnist[0-4]``: views of NAME (same order, indices and features), for
+  near-OOD pairs (:func:`parse_class_split`).
 
 Order and determinism: natural-data sources use fixed train/test splits and a fixed order that
 does not depend on ``seed`` (class-sorted sources are permuted with a fixed seed), so
@@ -37,6 +40,8 @@ from ddm_ood.data.formats import to_channels
 from ddm_ood.data.resize import resize_images
 from ddm_ood.data.sources import available_sources
 from ddm_ood.data.sources import check_source_name
+from ddm_ood.data.sources import class_split_indices
+from ddm_ood.data.sources import parse_class_split
 from ddm_ood.data.sources import is_process_split
 from ddm_ood.data.sources import load_images
 from ddm_ood.data.sources import SOURCE_PREFIXES
@@ -48,7 +53,8 @@ from ddm_ood.data.tfds_source import TFDS_NAMES
 __all__ = [
     'DataError', 'FASHION_MNIST_DIR', 'FASHION_MNIST_ENV', 'GIMP_PATTERNS_DIR',
     'GIMP_PATTERNS_ENV', 'IMAGE_EXTENSIONS', 'SOURCE_PREFIXES', 'SPLITS', 'TFDS_DOWNLOAD_ENV',
-    'TFDS_NAMES', 'available_sources', 'check_source_name', 'folder_files', 'is_process_split',
+    'TFDS_NAMES', 'available_sources', 'check_source_name', 'class_split_indices',
+    'folder_files', 'is_process_split', 'parse_class_split',
     'load_images', 'read_gimp_pattern', 'read_idx_images', 'resize_images', 'source_info',
     'texture_pattern_files', 'to_channels',
 ]

