@@ -28,6 +28,7 @@ from ddm_ood import checkpoint
 from ddm_ood import detector
 from ddm_ood import features as features_lib
 from ddm_ood import pixel_maps
+from ddm_ood import provenance
 from ddm_ood import schedule as schedule_lib
 from ddm_ood import scorer
 from ddm_ood import settings
@@ -89,6 +90,7 @@ class AnomalyScorer:
   key: jax.Array
   draws: str | None = None      # see make_anomaly_fn
   scorer_kind: str | None = None  # the scorer kind of ``kind`` ('stein_ssim@oracle' -> 'stein_ssim')
+  provenance: dict | None = None  # `provenance.record` of unet_params and config (checked)
 
   def __post_init__(self):
     self._fn = jax.jit(make_anomaly_fn(self.apply_fn, self.schedule, self.config.scorer,
@@ -106,6 +108,8 @@ class AnomalyScorer:
       image_ids = np.asarray(image_ids, np.int32)
       if image_ids.shape != (images.shape[0],):
         raise ValueError(f'image_ids must have shape [{images.shape[0]}], got {image_ids.shape}.')
+    if images.shape[0] == 0:
+      return np.zeros((0,), np.float32)
     return np.asarray(self._fn(self.unet_params, self.detector_params,
                                jnp.asarray(images, jnp.float32), image_ids, self.key))
 
@@ -119,6 +123,11 @@ def load_anomaly_scorer(workdir: str, id_dataset: str | None = None,
     id_dataset: which in-distribution set's detector to use (default: the first ID set).
     kind: a method of the results (default: the seed method's zero-shot default,
       'stein_ssim'; also e.g. 'stein_ssim@published', 'stein_ssim@oracle', 'diffpath_6d').
+
+  Raises:
+    provenance.StaleDetectorError: the detector was fitted on another checkpoint or other scorer
+      settings than the workdir now holds (e.g. training went on after evaluate); the message
+      names the command that refits it.
   """
   workdir = os.path.abspath(workdir)
   config = workdir_lib.load_config(workdir)
@@ -131,6 +140,9 @@ def load_anomaly_scorer(workdir: str, id_dataset: str | None = None,
         'set in config.eval.id_datasets and that kind in config.eval.feature_kinds.')
   fitted = workdir_lib.load_detector(path)
   params, step = checkpoint.restore_ema_params(workdir, config)
+  current = provenance.record(step, provenance.params_digest(params), config)
+  provenance.check(fitted.info.get('provenance') or provenance.legacy_record(workdir), current,
+                   f'The detector of --id_dataset={id_dataset} --kind={kind} ({path})', workdir)
   model = unet.build_model(config)
   sched = schedule_lib.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
   setting = fitted.info.get('setting')
@@ -140,7 +152,7 @@ def load_anomaly_scorer(workdir: str, id_dataset: str | None = None,
                        apply_fn=lambda p, x, t: model.apply(p, x, t), schedule=sched,
                        key=workdir_lib.scorer_key(config.seed),
                        draws=setting['draws'] if setting and fitted.reducer is not None else None,
-                       scorer_kind=kind.split('@')[0])
+                       scorer_kind=kind.split('@')[0], provenance=current)
 
 
 def load_denoiser(workdir: str) -> tuple[Callable, ml_collections.ConfigDict]:
@@ -243,6 +255,9 @@ def build_anomaly_map_fn(config: ml_collections.ConfigDict, apply_fn: Callable,
   def fn(images, image_ids=None):
     x = scorer.validate_images(images, config.data.image_size, config.data.channels)
     n = x.shape[0]
+    if n == 0:
+      empty = np.zeros((0,) + x.shape[1:3], np.float32)
+      return {'map': empty, 'baseline': empty} if output == 'both' else empty
     if image_ids is None:
       ids = np.asarray(scorer.content_ids(x), np.int32)
     else:
