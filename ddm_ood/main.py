@@ -88,18 +88,22 @@ def _main(argv):
   config = workdir = error = failure = None
   try:  # before JAX starts: a typo fails in seconds, nothing written
     config, workdir = _checked_run_args()
-  except workdir_lib.WorkdirError as e:
-    error, failure = str(e), e
+  except Exception as e:  # pylint: disable=broad-except
+    error, failure = _expected_failure(e), e
+    if error is None:
+      raise
   _start_jax(error, config, exc=failure)
   with contextlib.ExitStack() as stack:
     try:  # the lock (process 0) and the checkpoint's network fields: then every process agrees
       stack.enter_context(workdir_lib.held(config, workdir, _MODE.value))
-    except workdir_lib.WorkdirError as e:
-      error = str(e)
+    except Exception as e:  # pylint: disable=broad-except
+      error, failure = _expected_failure(e), e
+      if error is None:
+        raise
     from ddm_ood import sharding
-    error = sharding.first_error(error)
+    own, error = error, sharding.first_error(error)
     if error:
-      _fail(error)
+      _fail(error, failure if own and error.endswith(own) else None)
     workdir_lib.save_config(config, workdir)  # only once the config has been accepted
     if _MODE.value in ('train', 'all'):
       from ddm_ood import train
@@ -154,7 +158,7 @@ def _start_jax(error, config, distributed=None, exc=None) -> None:
     _fail(str(e))
   own, error = error, sharding.first_error(error)
   if error:
-    _fail(error, exc if error.endswith(own or '\0') else None)
+    _fail(error, exc if own and error.endswith(own) else None)
 
 
 def _score() -> None:

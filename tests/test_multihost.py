@@ -192,8 +192,7 @@ def test_partial_distributed_flags_are_rejected():
 def test_sigterm_on_one_process_stops_both_at_one_step_and_resumes_bit_identical(runs, tmp_path):
   """SIGTERM to process 0 mid-way: both processes save the same step (JAX's preemption sync
   point) and exit 0 within 60 s; the same two-process command then resumes and ends
-  bit-identical to the uninterrupted run (the one-process run of `runs`, itself equal to the
-  two-process one)."""
+  bit-identical to the uninterrupted two-process run of `runs`."""
   wd = str(tmp_path / 'preempted')
   logs = [tmp_path / f'term{i}.log' for i in range(2)]
   cache = tmp_path / 'jax_cache'   # the resumed run reuses the compiled programs
@@ -215,12 +214,12 @@ def test_sigterm_on_one_process_stops_both_at_one_step_and_resumes_bit_identical
   assert f'Resumed from checkpoint at step {saved[0]}' in h.read(resumed[0])
   config = h.load_config('tiny')
   state, meta = _restore_full_state(wd, config)
-  want, want_meta = _restore_full_state(str(runs / 'single'), config)
+  want, want_meta = _restore_full_state(str(runs / 'multi'), config)
   assert int(state.step) == 4 and meta['step'] == want_meta['step'] == 4
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(want)):
     np.testing.assert_array_equal(a, b)
   assert [(r['step'], r['loss']) for r in _metrics(wd)] == [
-      (r['step'], r['loss']) for r in _metrics(str(runs / 'single'))]
+      (r['step'], r['loss']) for r in _metrics(str(runs / 'multi'))]
 
 
 def _metrics_or_none(workdir):
