@@ -144,6 +144,8 @@ def check_feature_cache(step_dir: str, params_sha256: str, is_writer: bool = Tru
   folder with a warning (the features are recomputed). Only ``is_writer`` (process 0) deletes and
   writes; the other hosts just see the files gone.
   """
+  if not is_writer:
+    return
   path = os.path.join(step_dir, FEATURE_CACHE_FILE)
   recorded = None
   if os.path.exists(path):
@@ -152,8 +154,6 @@ def check_feature_cache(step_dir: str, params_sha256: str, is_writer: bool = Tru
         recorded = json.load(f).get('params_sha256')
     except (OSError, ValueError):
       recorded = ''
-  if not is_writer:
-    return
   if recorded is not None and recorded != params_sha256:
     logging.warning('The feature cache %s was computed by another network (parameters %s, now '
                     '%s); removing it, the features are recomputed.', step_dir, recorded[:12],
