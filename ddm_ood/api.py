@@ -31,6 +31,7 @@ from ddm_ood import detector
 from ddm_ood import features as features_lib
 from ddm_ood import kinds as kinds_lib
 from ddm_ood import pixel_maps
+from ddm_ood import provenance
 from ddm_ood import schedule as schedule_lib
 from ddm_ood import scorer
 from ddm_ood import settings
@@ -102,6 +103,7 @@ class AnomalyScorer:
   scorer_kind: str | None = None  # the kind the detector reads ('stein_ssim@oracle' ->
                                   # 'stein_ssim'; 'zero_shot' -> the kind the protocol picked)
   complexity: bool = False      # see make_anomaly_fn
+  provenance: dict | None = None  # `provenance.record` of unet_params and config (checked)
 
   def __post_init__(self):
     self._fn = jax.jit(make_anomaly_fn(self.apply_fn, self.schedule, self.config.scorer,
@@ -120,6 +122,8 @@ class AnomalyScorer:
       image_ids = np.asarray(image_ids, np.int32)
       if image_ids.shape != (images.shape[0],):
         raise ValueError(f'image_ids must have shape [{images.shape[0]}], got {image_ids.shape}.')
+    if images.shape[0] == 0:
+      return np.zeros((0,), np.float32)
     return np.asarray(self._fn(self.unet_params, self.detector_params,
                                jnp.asarray(images, jnp.float32), image_ids, self.key))
 
@@ -134,6 +138,11 @@ def load_anomaly_scorer(workdir: str, id_dataset: str | None = None,
     kind: a method of the results (default: the zero-shot default, 'zero_shot', i.e. the kind
       and settings the ID-only protocol picked for ``id_dataset``; also e.g. 'stein_ssim',
       'stein+stein_ddim', 'stein_ssim@published', 'stein_ssim@oracle', 'diffpath_6d').
+
+  Raises:
+    provenance.StaleDetectorError: the detector was fitted on another checkpoint or other scorer
+      settings than the workdir now holds (e.g. training went on after evaluate); the message
+      names the command that refits it.
   """
   workdir = os.path.abspath(workdir)
   config = workdir_lib.load_config(workdir)
@@ -147,6 +156,9 @@ def load_anomaly_scorer(workdir: str, id_dataset: str | None = None,
         'set in config.eval.id_datasets and that kind in config.eval.feature_kinds.')
   fitted = workdir_lib.load_detector(path)
   params, step = checkpoint.restore_ema_params(workdir, config)
+  current = provenance.record(step, provenance.params_digest(params), config)
+  provenance.check(fitted.info.get('provenance') or provenance.legacy_record(workdir), current,
+                   f'The detector of --id_dataset={id_dataset} --kind={kind} ({path})', workdir)
   model = unet.build_model(config)
   sched = schedule_lib.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
   setting = fitted.info.get('setting') if fitted.reducer is not None else None
@@ -157,7 +169,8 @@ def load_anomaly_scorer(workdir: str, id_dataset: str | None = None,
                        key=workdir_lib.scorer_key(config.seed),
                        draws=setting['draws'] if setting else None,
                        scorer_kind=setting['kind'] if setting else kind.split('@')[0],
-                       complexity=bool(setting.get('complexity', False)) if setting else False)
+                       complexity=bool(setting.get('complexity', False)) if setting else False,
+                       provenance=current)
 
 
 def load_denoiser(workdir: str) -> tuple[Callable, ml_collections.ConfigDict]:
@@ -260,6 +273,9 @@ def build_anomaly_map_fn(config: ml_collections.ConfigDict, apply_fn: Callable,
   def fn(images, image_ids=None):
     x = scorer.validate_images(images, config.data.image_size, config.data.channels)
     n = x.shape[0]
+    if n == 0:
+      empty = np.zeros((0,) + x.shape[1:3], np.float32)
+      return {'map': empty, 'baseline': empty} if output == 'both' else empty
     if image_ids is None:
       ids = np.asarray(scorer.content_ids(x), np.int32)
     else:

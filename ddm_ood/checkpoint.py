@@ -15,7 +15,9 @@ multi-host job calls the same functions; Orbax coordinates the writes.
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 from typing import Any
 
 from absl import logging
@@ -49,14 +51,89 @@ def make_manager(workdir: str, keep: int = 3, *, read_only: bool = False) -> ocp
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (no space left, read-only or unwritable directory)."""
+
+
+_WRITE_FAILURES = {errno.ENOSPC: 'No space left on device', errno.EDQUOT: 'Disk quota exceeded',
+                   errno.EROFS: 'Read-only file system', errno.EACCES: 'Permission denied',
+                   errno.EPERM: 'Operation not permitted'}
+
+
+def write_failure(e: BaseException) -> str | None:
+  """The cause ('No space left on device', ...) when ``e`` is a failed write, else None.
+
+  Orbax/TensorStore report them as ValueError text (``RESOURCE_EXHAUSTED: ... No space left on
+  device [os_error_code='28']``), plain Python as `OSError` with an errno.
+  """
+  for exc in (e, e.__cause__, e.__context__):
+    if isinstance(exc, OSError) and exc.errno in _WRITE_FAILURES:
+      return _WRITE_FAILURES[exc.errno]
+  text = str(e)
+  for code, cause in _WRITE_FAILURES.items():
+    if cause in text or f"os_error_code='{code}'" in text:
+      return cause
+  return None
+
+
+def _raise_write_error(e: BaseException, manager: ocp.CheckpointManager, what: str) -> None:
+  cause = write_failure(e)
+  if cause is None:
+    return
+  latest = manager.latest_step()
+  raise CheckpointWriteError(
+      f'Could not write {what} to {manager.directory}: {cause}. '
+      + (f'The newest finished checkpoint ({latest}) is intact. ' if latest is not None else '')
+      + 'Free space (or lower train.keep_checkpoints) or make the directory writable, then '
+      'rerun the same command to resume.') from e
+
+
+def _check_free_space(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
+  """Refuses a save that cannot fit on the disk before Orbax starts writing it (Orbax would fail
+  in background threads, mid-write). The state's size is a lower bound of what Orbax writes
+  (replicas, metadata and its temporary files come on top), so nothing that fits is refused; a
+  save that fails anyway is reported by `save` / `wait_until_finished`."""
+  need = sum(int(getattr(x, 'nbytes', 0)) for x in jax.tree.leaves(state))
+  try:
+    free = shutil.disk_usage(os.fspath(manager.directory)).free
+  except (OSError, TypeError):  # not a local path (e.g. gs://): no check
+    return
+  if free < need:
+    raise CheckpointWriteError(
+        f'No space left on device for the checkpoint of step {step} in {manager.directory}: it '
+        f'needs about {need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free. '
+        + (f'The newest finished checkpoint ({manager.latest_step()}) is intact. '
+           if manager.latest_step() is not None else '')
+        + 'Free space (or lower train.keep_checkpoints), then rerun the same command to resume.')
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
   """Starts an (asynchronous) save of ``state`` and the JSON-able ``meta`` at ``step``.
 
   The device-to-host copy finishes before this returns, so ``state``'s buffers may be donated to
   the next train step right away. ``force=True``: the caller decides when to save.
+
+  Raises:
+    CheckpointWriteError: the disk has less free space than the state's size, or the write
+      failed (no space, read-only); the message names the newest finished checkpoint.
   """
-  manager.save(int(step), args=ocp.args.Composite(
-      state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+  wait_until_finished(manager)   # as Orbax's save would: the previous save's space is taken
+  _check_free_space(manager, step, state)
+  try:
+    manager.save(int(step), args=ocp.args.Composite(
+        state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+  except Exception as e:  # pylint: disable=broad-except  # Orbax/TensorStore raise many types
+    _raise_write_error(e, manager, f'the checkpoint of step {step}')
+    raise
+
+
+def wait_until_finished(manager: ocp.CheckpointManager) -> None:
+  """`manager.wait_until_finished()`; a failed background write is a `CheckpointWriteError`."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except
+    _raise_write_error(e, manager, 'a checkpoint')
+    raise
 
 
 def _restore_args(abstract_tree: Any) -> Any:
@@ -200,5 +277,6 @@ def restore_ema_params(workdir: str, config: ml_collections.ConfigDict,
   return restored.state['ema_params'], int(step)
 
 
-__all__ = ['CheckpointNotFoundError', 'CheckpointCorruptError', 'read_latest_meta', 'checkpoint_dir', 'make_manager', 'save',
-           'restore_latest', 'latest_step', 'restore_ema_params']
+__all__ = ['CheckpointNotFoundError', 'CheckpointCorruptError', 'CheckpointWriteError',
+           'read_latest_meta', 'checkpoint_dir', 'make_manager', 'save', 'wait_until_finished',
+           'write_failure', 'restore_latest', 'latest_step', 'restore_ema_params']

@@ -8,6 +8,7 @@ field's range, so that a typo fails in seconds instead of after training. Errors
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import ml_collections
@@ -62,15 +63,33 @@ def validate_config(config: ml_collections.ConfigDict, mode: str = 'all') -> Non
     for field in ('num_steps', 'batch_size', 'log_every', 'checkpoint_every', 'keep_checkpoints'):
       if int(tc[field]) <= 0:
         raise WorkdirError(f'config.train.{field} must be a positive integer, got {tc[field]}.')
+    lr = float(tc.learning_rate)
+    if not (math.isfinite(lr) and lr > 0):
+      raise WorkdirError(f'config.train.learning_rate must be a positive number, got {lr} '
+                         '(e.g. 1e-4 .. 1e-3).')
+    for field in ('warmup_steps', 'sample_every', 'num_samples'):
+      if int(tc[field]) < 0:
+        raise WorkdirError(f'config.train.{field} must be >= 0, got {tc[field]}.')
+    if not 0 <= float(tc.ema_decay) < 1:
+      raise WorkdirError(f'config.train.ema_decay must be in [0, 1), got {tc.ema_decay}.')
     _check_source(d.dataset, ('train',), 'config.data.dataset')
   if mode in ('evaluate', 'all'):
     ev = config.eval
+    for field in ('id_datasets', 'ood_datasets', 'feature_kinds', 'near_ood_pairs'):
+      _check_unique(f'eval.{field}', [tuple(v) if isinstance(v, (list, tuple)) else v
+                                      for v in settings.section(ev, 'eval')[field]])
     try:
       kinds.check(ev.feature_kinds)
     except ValueError as e:
       raise WorkdirError(f'config.eval.feature_kinds: {e}') from e
     if not ev.id_datasets:
       raise WorkdirError('config.eval.id_datasets is empty; name at least one ID set.')
+    for field in ('num_fit', 'num_test'):
+      if int(ev[field]) < 0:
+        raise WorkdirError(f'config.eval.{field} must be >= 0 (0 = all), got {ev[field]}.')
+    if int(config.scorer.batch_size) <= 0:
+      raise WorkdirError('config.scorer.batch_size must be a positive integer, got '
+                         f'{config.scorer.batch_size}.')
     for name in ev.id_datasets:
       _check_source(name, ('train', 'test'), 'config.eval.id_datasets')
     for name in ev.ood_datasets:
@@ -86,6 +105,15 @@ def validate_config(config: ml_collections.ConfigDict, mode: str = 'all') -> Non
     except ValueError as e:
       raise WorkdirError(str(e)) from e
     _check_select(config.select)
+
+
+def _check_unique(field: str, values) -> None:
+  repeated = sorted({v for v in values if list(values).count(v) > 1})
+  if repeated:
+    raise WorkdirError(
+        f'config.{field} names {repeated} more than once ({tuple(values)}): each would be '
+        'evaluated and counted in the averages twice. List each once; note that repeating a '
+        f'--config.{field}=... flag appends to the tuple instead of replacing it.')
 
 
 def _check_subset(field: str, values, allowed) -> None:

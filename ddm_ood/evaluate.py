@@ -35,6 +35,7 @@ from ddm_ood import map_study
 from ddm_ood import memory
 from ddm_ood import metrics
 from ddm_ood import protocol
+from ddm_ood import provenance
 from ddm_ood import scorer
 from ddm_ood import selection
 from ddm_ood import settings as settings_lib
@@ -91,6 +92,10 @@ class FeatureExtractor:
         lambda p, x, t: self.model.apply(p, x, t), self.schedule, scorer_cfg, self.kinds)
     self.mesh = sharding.data_mesh()
     self._params = sharding.replicate(self.params, self.mesh)
+    self.params_sha256 = provenance.params_digest(self.params)
+    if self.cache_dir:  # the cache is keyed by step: drop one another network computed
+      provenance.check_feature_cache(os.path.join(self.cache_dir, f'step_{self.step:08d}'),
+                                     self.params_sha256, is_writer=jax.process_index() == 0)
     self.key = scorer_key(self.config.seed)
     self._score = jax.jit(score_fn)
 
@@ -311,9 +316,13 @@ def _run_suite(config, workdir, print_table, make_report):
       data.load_images(name, 'test', config.data, max_examples=ev.num_test, seed=config.seed)
   params, step = checkpoint.restore_ema_params(workdir, config)
   logging.info('Evaluating checkpoint step %d of %s', step, workdir)
+  training_note = workdir_lib.training_note(workdir, step)
+  if training_note:
+    logging.warning(training_note)
   out_dir = os.path.join(workdir, 'eval')
   os.makedirs(os.path.join(out_dir, 'detectors'), exist_ok=True)
   extractor = FeatureExtractor(config, params, step, cache_dir=os.path.join(workdir, 'features'))
+  record = provenance.record(step, extractor.params_sha256, config)  # saved with every detector
 
   rows, scores, detectors_info, settings = [], {}, {}, {}
   method_names = protocol.methods(config)
@@ -366,7 +375,7 @@ def _run_suite(config, workdir, print_table, make_report):
       f = fitted_all[id_name][method]
       info = dict(f.detector.info, setting=f.setting)
       workdir_lib.save_detector(dataclasses.replace(f.detector, info=info),
-                                detector_path(workdir, id_name, method))
+                                detector_path(workdir, id_name, method), provenance=record)
       detectors_info[id_name][method] = f.detector.info
       settings[id_name][method] = dict(setting=f.setting, selection=f.selection)
       s_id = protocol.method_scores(f, method, id_test)
@@ -396,7 +405,8 @@ def _run_suite(config, workdir, print_table, make_report):
       averages=_averages(rows, method_names, 'far'),
       near_averages=_averages(rows, method_names, 'near'), settings=settings,
       leave_one_out=loo, localisation=localisation_result, detectors=detectors_info,
-      config=json.loads(config.to_json_best_effort()))
+      config=json.loads(config.to_json_best_effort()), provenance=record,
+      training_note=training_note)
   if jax.process_index() == 0:
     _write_results(results, scores, out_dir)
   _write_tensorboard(results, workdir)
@@ -460,4 +470,5 @@ def _write_results(results: dict, scores: dict, out_dir: str) -> None:
   if results['near_averages']:
     text += '\n## Near-OOD\n\n' + tables.results_table(results, 'near') + '\n'
   workdir_lib.atomic_write(os.path.join(out_dir, 'results.md'), text)
-  workdir_lib.atomic_savez(os.path.join(out_dir, 'scores.npz'), **scores)
+  workdir_lib.atomic_savez(os.path.join(out_dir, 'scores.npz'), **scores, **{
+      provenance.SCORES_KEY: np.array(json.dumps(results['provenance']))})

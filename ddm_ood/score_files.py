@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import json
 import os
 from typing import Any
 
@@ -24,6 +25,7 @@ import numpy as np
 from ddm_ood import data
 from ddm_ood import kinds
 from ddm_ood import metrics
+from ddm_ood import provenance
 from ddm_ood import settings
 from ddm_ood import workdir as workdir_lib
 
@@ -62,6 +64,7 @@ class ScoreArgs:
   threshold: float            # FPR95 threshold of (id_dataset, kind)
   skip_bad_files: bool
   config: Any                 # the workdir's config (ml_collections.ConfigDict)
+  refit: bool = False         # rerun evaluate first when the detector / threshold is stale
 
 
 def fpr95_threshold(workdir: str, id_dataset: str, kind: str) -> float:
@@ -88,9 +91,22 @@ def fpr95_threshold(workdir: str, id_dataset: str, kind: str) -> float:
     return metrics.id_threshold(saved[key], TPR)
 
 
+def saved_provenance(workdir: str) -> dict | None:
+  """The `provenance.record` of evaluate mode's saved scores (the thresholds' network), or the
+  checkpoint step of results.json for a workdir evaluated by an older version (None: neither)."""
+  path = os.path.join(workdir, SCORES_FILE)
+  if os.path.exists(path):
+    with np.load(path) as saved:
+      if provenance.SCORES_KEY in saved.files:
+        return json.loads(str(saved[provenance.SCORES_KEY]))
+  return provenance.legacy_record(workdir)
+
+
 def check_args(workdir: str, images: str | None, out: str | None, id_dataset: str | None = None,
-               kind: str | None = None, skip_bad_files: bool = False) -> ScoreArgs:
-  """Validates the score-mode flags without JAX: workdir evaluated, folder has images, out path.
+               kind: str | None = None, skip_bad_files: bool = False,
+               refit: bool = False) -> ScoreArgs:
+  """Validates the score-mode flags without JAX: workdir evaluated, folder has images, out path
+  writable (and the workdir, with ``refit``).
 
   Raises:
     ScoreError: the first problem found (one line, says what to do).
@@ -105,6 +121,13 @@ def check_args(workdir: str, images: str | None, out: str | None, id_dataset: st
   if os.path.isdir(out):
     raise ScoreError(f'--out={out} is a directory; pass a file name such as {out}/scores.csv.')
   workdir = os.path.abspath(os.path.expanduser(workdir))
+  try:  # before any image is scored
+    workdir_lib.check_writable(os.path.dirname(out), f'--out={out}', 'score mode writes the CSV')
+    if refit:
+      workdir_lib.check_writable(workdir, f'--workdir={workdir}',
+                                 '--refit reruns evaluate, which writes its results')
+  except workdir_lib.WorkdirError as e:
+    raise ScoreError(str(e)) from None
   try:
     config = workdir_lib.load_config(workdir)
   except FileNotFoundError as e:
@@ -119,7 +142,7 @@ def check_args(workdir: str, images: str | None, out: str | None, id_dataset: st
     raise ScoreError(f'--images: {e}') from None
   return ScoreArgs(workdir=workdir, folder=folder, files=files, out=out, id_dataset=id_dataset,
                    kind=kind, threshold=threshold, skip_bad_files=skip_bad_files,
-                   config=config)
+                   config=config, refit=refit)
 
 
 def load_file(path: str, data_cfg) -> np.ndarray:
@@ -189,6 +212,34 @@ def csv_text(files, scores: dict, skipped: dict, threshold: float) -> str:
   return buf.getvalue()
 
 
+def load_checked_scorer(args: ScoreArgs):
+  """`api.load_anomaly_scorer` of ``args``, its detector and FPR95 threshold both fitted on the
+  workdir's newest checkpoint and scorer settings (`provenance.check`).
+
+  With ``args.refit``, a stale detector or threshold is refitted first (evaluate mode on the
+  workdir's config.json). Returns ``(scorer, args)`` (``args.threshold`` updated after a refit).
+
+  Raises:
+    provenance.StaleDetectorError: stale, and ``args.refit`` is False (names the refit commands).
+  """
+  from ddm_ood import api  # pylint: disable=g-import-not-at-top  # JAX starts here
+  try:
+    ood = api.load_anomaly_scorer(args.workdir, id_dataset=args.id_dataset, kind=args.kind)
+    provenance.check(saved_provenance(args.workdir), ood.provenance,
+                     f'The FPR95 threshold of --id_dataset={args.id_dataset} --kind={args.kind} '
+                     f'({os.path.join(args.workdir, SCORES_FILE)})', args.workdir)
+    return ood, args
+  except provenance.StaleDetectorError as e:
+    if not args.refit:
+      raise
+    logging.warning('--refit: %s Rerunning evaluate on %s with its config.json.', e, args.workdir)
+  from ddm_ood import evaluate  # pylint: disable=g-import-not-at-top
+  evaluate.run_suite(args.config, args.workdir)
+  args = dataclasses.replace(args, threshold=fpr95_threshold(args.workdir, args.id_dataset,
+                                                             args.kind))
+  return api.load_anomaly_scorer(args.workdir, id_dataset=args.id_dataset, kind=args.kind), args
+
+
 def score_folder(args: ScoreArgs, batch_size: int | None = None) -> dict:
   """Scores ``args.files`` and writes ``args.out`` atomically.
 
@@ -200,10 +251,9 @@ def score_folder(args: ScoreArgs, batch_size: int | None = None) -> dict:
   Returns:
     ``{'scores': {file: score}, 'skipped': {file: reason}, 'threshold': float}``.
   """
+  ood, args = load_checked_scorer(args)
   images, skipped = read_images(args.files, args.config.data, args.skip_bad_files)
   good = [f for f in args.files if f not in skipped]
-  from ddm_ood import api  # pylint: disable=g-import-not-at-top  # JAX starts here
-  ood = api.load_anomaly_scorer(args.workdir, id_dataset=args.id_dataset, kind=args.kind)
   batch_size = int(batch_size or ood.config.scorer.batch_size)
   logging.info('score: %d files in %s (%d skipped), ID set %s, kind %s, step %d, FPR95 '
                'threshold %.6g', len(args.files), args.folder, len(skipped), args.id_dataset,

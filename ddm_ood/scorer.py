@@ -15,6 +15,7 @@ the key. The formulas and the open choices: docs/method.md.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import jax
@@ -331,7 +332,7 @@ def content_ids(images: jax.Array) -> jax.Array:
     int32 [B].
   """
   x = jnp.asarray(images, jnp.float32)
-  x = jnp.where(x == 0, jnp.float32(0), x).reshape(x.shape[0], -1)
+  x = jnp.where(x == 0, jnp.float32(0), x).reshape(x.shape[0], math.prod(x.shape[1:]))
   bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
   pos = jnp.arange(bits.shape[1], dtype=jnp.uint32)
   mixed = _mix32(bits ^ _mix32(pos * jnp.uint32(0x9E3779B9) + jnp.uint32(1)))

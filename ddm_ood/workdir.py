@@ -26,6 +26,7 @@ import fcntl
 import io
 import json
 import os
+import tempfile
 from typing import Any, Iterator
 
 import ml_collections
@@ -117,22 +118,28 @@ def detector_path(workdir: str, id_name: str, kind: str) -> str:
 DETECTOR_FORMAT_VERSION = 1
 
 
-def save_detector(fitted, path: str) -> None:
+def save_detector(fitted, path: str, provenance: dict | None = None) -> None:
   """Saves a `detector.FittedDetector` atomically to ONE ``.npz`` file (no pickle): its arrays,
   the aggregation (`features.Reducer`) if any, and the info as a JSON string. The name is used
-  as given; no '.npz' is appended."""
+  as given; no '.npz' is appended.
+
+  ``provenance`` (`provenance.record`: the checkpoint step and the digests of the network and the
+  scorer settings it was fitted on) is stored as ``info['provenance']``.
+  """
   import numpy as np  # pylint: disable=g-import-not-at-top
   arrays = {name: np.asarray(getattr(fitted.params, name)) for name in fitted.params._fields}
   if fitted.reducer is not None:
     arrays.update(reducer_mean=np.asarray(fitted.reducer.mean),
                   reducer_weight=np.asarray(fitted.reducer.weight))
-  info_json = json.dumps(dict(fitted.info, format_version=DETECTOR_FORMAT_VERSION),
-                         sort_keys=True)
-  atomic_savez(os.fspath(path), info_json=np.array(info_json), **arrays)
+  info = dict(fitted.info, format_version=DETECTOR_FORMAT_VERSION)
+  if provenance is not None:
+    info['provenance'] = provenance
+  atomic_savez(os.fspath(path), info_json=np.array(json.dumps(info, sort_keys=True)), **arrays)
 
 
 def load_detector(path: str):
-  """Loads a detector written by `save_detector`: a `detector.FittedDetector` (float64 params)."""
+  """Loads a detector written by `save_detector`: a `detector.FittedDetector` (float64 params);
+  ``info['provenance']`` is its record (absent in files of older versions)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from ddm_ood import detector, features  # pylint: disable=g-import-not-at-top
   with np.load(os.fspath(path), allow_pickle=False) as data:
@@ -166,6 +173,54 @@ def read_metrics(workdir: str) -> list[dict]:
       except json.JSONDecodeError:
         continue
   return records
+
+
+DIVERGED_FILE = 'diverged.json'
+
+
+def mark_diverged(workdir: str, step: int, checkpoint_step: int | None, message: str) -> None:
+  """Records (process 0) that training diverged at ``step`` (1-based, as ``metrics.jsonl``) and
+  which checkpoint is the newest finite one, in ``workdir/diverged.json``."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:
+    atomic_write_json(os.path.join(workdir, DIVERGED_FILE), dict(
+        step=int(step), checkpoint_step=checkpoint_step, message=message))
+
+
+def clear_diverged(workdir: str) -> None:
+  """Removes the divergence record once training has gone past it (process 0)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, DIVERGED_FILE)
+  if jax.process_index() == 0 and os.path.exists(path):
+    os.remove(path)
+
+
+def read_diverged(workdir: str) -> dict | None:
+  """The record of `mark_diverged` (None if training never diverged or went on past it)."""
+  path = os.path.join(workdir, DIVERGED_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def training_note(workdir: str, step: int) -> str | None:
+  """Why checkpoint ``step`` falls short of the steps its training run was configured for, or
+  None when it does not (or the workdir was converted from a published checkpoint)."""
+  from ddm_ood import checkpoint  # pylint: disable=g-import-not-at-top
+  meta = checkpoint.read_latest_meta(workdir) or {}
+  target = (meta.get('config') or {}).get('train', {}).get('num_steps')
+  if meta.get('converted_from') or target is None or step >= int(target):
+    return None
+  short = (f'Evaluating checkpoint step {step}, short of the {target} steps its training run '
+           'was configured for (train.num_steps): ')
+  diverged = read_diverged(workdir)
+  if diverged and diverged.get('checkpoint_step') == step:
+    return (short + f'training diverged at step {diverged["step"]} (see '
+            f'{os.path.join(workdir, DIVERGED_FILE)}) and this is the newest finite checkpoint. '
+            'To finish, resume with a lower train.learning_rate (--mode=train).')
+  return (short + 'training stopped early (interrupted, preempted or killed). To finish, rerun '
+          '--mode=train with the same config, then evaluate again.')
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -226,6 +281,32 @@ def check_workdir_path(workdir: str) -> str:
     raise WorkdirError(f'--workdir={workdir} is a file, not a directory; pass a directory '
                        '(a new or an existing run directory).')
   return workdir
+
+
+def check_writable(path: str, what: str, why: str) -> None:
+  """Raises `WorkdirError` unless files can be created in directory ``path`` (existing or to be
+  created: then its nearest existing ancestor is tried), so that a read-only or unwritable
+  location fails before any work instead of after it.
+
+  Args:
+    path: the directory the run will write into.
+    what: how the user named it, e.g. '--workdir=/runs/a'.
+    why: what the run writes there, for the message.
+  """
+  probe = os.path.abspath(path)
+  while not os.path.exists(probe):
+    probe = os.path.dirname(probe)
+  try:
+    if not os.path.isdir(probe):
+      raise NotADirectoryError(errno.ENOTDIR, 'a file, not a directory')
+    fd, tmp = tempfile.mkstemp(prefix='.ddm_ood_write_check', dir=probe)
+    os.close(fd)
+    os.remove(tmp)
+  except OSError as e:
+    raise WorkdirError(
+        f'{what} is not writable ({probe}: {e.strerror or e}); {why} there. Use a writable '
+        'directory (or copy the run to one) or fix its permissions. Nothing was written.'
+    ) from None
 
 
 def saved_config(workdir: str) -> dict | None:
@@ -353,8 +434,10 @@ def lock(workdir: str) -> Iterator[None]:
     f.close()  # closing the descriptor releases the flock
 
 
-__all__ = ['save_detector', 'load_detector', 'scorer_key', 'safe_name', 'detector_path', 'CONFIG_FILE', 'METRICS_FILE', 'Purpose', 'purpose_key', 'atomic_write',
+__all__ = ['save_detector', 'load_detector', 'scorer_key', 'safe_name', 'detector_path',
+           'CONFIG_FILE', 'METRICS_FILE', 'DIVERGED_FILE', 'Purpose', 'purpose_key', 'atomic_write',
            'atomic_write_json', 'atomic_savez', 'metrics_path', 'read_metrics', 'save_config',
            'load_config', 'WorkdirError', 'SourceError', 'MODEL_FIELDS', 'model_fields',
-           'check_workdir_path', 'saved_config',
+           'check_workdir_path', 'check_writable', 'saved_config', 'mark_diverged',
+           'clear_diverged', 'read_diverged', 'training_note',
            'check_compatible', 'validate_config', 'lock', 'LOCK_FILE']

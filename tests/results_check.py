@@ -11,6 +11,7 @@ import os
 import numpy as np
 
 from ddm_ood import metrics
+from ddm_ood import provenance
 
 METRICS = ('auroc', 'fpr95', 'aupr_in', 'aupr_out')
 
@@ -22,6 +23,8 @@ def load_outputs(workdir):
     results = json.load(f)
   with np.load(os.path.join(ev, 'scores.npz')) as f:
     scores = dict(f)
+  # The network and scorer settings the scores (and score mode's thresholds) belong to.
+  assert json.loads(str(scores.pop(provenance.SCORES_KEY))) == results['provenance']
   return results, scores
 
 

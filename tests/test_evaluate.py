@@ -183,7 +183,10 @@ def test_features_are_cached(workdir):
   from ddm_ood import workdir as workdir_lib
   import re  # pylint: disable=g-import-not-at-top
   cache = os.path.join(workdir, 'features')
-  files = [os.path.join(d, f) for d, _, fs in os.walk(cache) for f in fs]
+  files = [os.path.join(d, f) for d, _, fs in os.walk(cache) for f in fs if f.endswith('.npz')]
+  # The folder records which network computed it (a retrained step is not reused).
+  assert os.listdir(cache) == ['step_00000004'] and os.path.exists(
+      os.path.join(cache, 'step_00000004', 'provenance.json'))
   # One file per (dataset, split, count) the suite used, under the checkpoint's step: ID train
   # (num_fit 64 + num_val 24), the synthetic anomalies of the 24 held-out images, and the test
   # splits (num_test 32), each with the rows of every feature kind.

@@ -1,12 +1,16 @@
 """Issue 11: a workdir no mistake can break, scores independent of batch position, corrupt files.
 
 One tiny trained workdir (configs/tiny.py, 4 steps, checkpoints at 2 and 4) is shared; each test
-works on its own copy.
+works on its own copy. Section 11 (issue 21): every expected failure of `python -m ddm_ood.main`
+is one ``ddm_ood: error:`` line without a traceback, and the workdir stays usable; the disk-full
+and read-only cases mount a small tmpfs (skipped where that is not allowed).
 """
 
+import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -52,11 +56,12 @@ def run_dir(trained, tmp_path):
   return wd
 
 
-def _cli(workdir, *args, mode='evaluate', config=os.path.join(h.ROOT, 'configs', 'tiny.py')):
+def _cli(workdir, *args, mode='evaluate', config=os.path.join(h.ROOT, 'configs', 'tiny.py'),
+         cache_dir=None):
   cmd = [sys.executable, '-m', 'ddm_ood.main', f'--config={config}', f'--workdir={workdir}',
          f'--mode={mode}', *args]
-  return subprocess.run(cmd, cwd=h.ROOT, env=h.subprocess_env(), capture_output=True, text=True,
-                        timeout=300)
+  return subprocess.run(cmd, cwd=h.ROOT, env=h.subprocess_env(cache_dir=cache_dir),
+                        capture_output=True, text=True, timeout=300)
 
 
 def _one_line_error(proc, *needles):
@@ -196,7 +201,8 @@ def test_truncated_feature_cache_is_recomputed(tmp_path, caplog):
   params = h.random_params(unet.build_model(config), 16, seed=2)
   ext = evaluate.FeatureExtractor(config, params, 4, cache_dir=str(tmp_path))
   first = ext.features('noise_gaussian', 'test', 4)
-  (path,) = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs]
+  (path,) = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs
+             if f.endswith('.npz')]
   size = os.path.getsize(path)
   with open(path, 'r+b') as f:
     f.truncate(size // 2)
@@ -303,3 +309,186 @@ def test_metrics_truncated_on_resume(tmp_path):
   path.write_text('\n'.join(lines) + '\n{"step": 6, "lo')   # a line cut by a kill
   train.truncate_metrics(str(tmp_path), 4)
   assert [json.loads(l)['step'] for l in path.read_text().splitlines()] == [1, 2, 3, 4]
+
+
+# ------------------------------------------------- 11. one line per mistake (issue 21, 4-11)
+_CONFIG_MISTAKES = {   # case: (mode, overrides, what the one line must name)
+    'typo': ('train', ['--config.train.num_stepz=5'],
+             ['--config.train.num_stepz=5', "no field 'num_stepz'", "did you mean 'num_steps'"]),
+    'negative_lr': ('all', ['--config.train.learning_rate=-1'],
+                    ['learning_rate must be a positive number, got -1.0']),
+    'zero_batch': ('train', ['--config.train.batch_size=0'], ['batch_size must be a positive']),
+    'zero_image_size': ('evaluate', ['--config.data.image_size=0'],
+                        ['image_size must be positive']),
+    'bad_int': ('train', ['--config.train.num_steps=ten'], ['--config.train.num_steps=ten']),
+    'repeated_ood_flag': ('evaluate', ["--config.eval.ood_datasets=('mnist',)"] * 2,
+                          ["eval.ood_datasets names ['mnist'] more than once",
+                           'appends to the tuple']),
+    'duplicate_id_set': ('all', ["--config.eval.id_datasets=('mnist','fashion_mnist','mnist')"],
+                         ["eval.id_datasets names ['mnist'] more than once"]),
+    'duplicate_kind': ('evaluate', ["--config.eval.feature_kinds=('stein','diffpath_1d','stein')"],
+                       ["eval.feature_kinds names ['stein'] more than once"]),
+}
+
+
+@pytest.mark.parametrize('case', sorted(_CONFIG_MISTAKES))
+def test_config_mistake_is_one_line_and_writes_nothing(case, run_dir):
+  """Items 9-11: a typo, a bad value, a name listed twice: one line in seconds, nothing written."""
+  mode, overrides, needles = _CONFIG_MISTAKES[case]
+  before = _snapshot(run_dir)
+  t0 = time.time()
+  proc = _cli(run_dir, *overrides, mode=mode)
+  _one_line_error(proc, *needles)
+  assert time.time() - t0 < 60
+  assert _snapshot(run_dir) == before
+  # --verbosity=1 shows the traceback behind the same line.
+  if case == 'typo':
+    verbose = _cli(run_dir, *overrides, '--verbosity=1', mode=mode)
+    assert 'Traceback' in verbose.stderr and verbose.stderr.count('ddm_ood: error:') == 1
+
+
+def test_divergence_is_one_line_and_evaluate_says_so(tmp_path, jax_cache):
+  """Item 4: one line with the 1-based step of metrics.jsonl; the checkpoint is marked, and a
+  later evaluate says why it evaluates a checkpoint short of train.num_steps."""
+  wd = str(tmp_path / 'div')
+  steps = '--config.train.num_steps=6'
+  proc = _cli(wd, steps, '--config.train.learning_rate=1e4', mode='train', cache_dir=jax_cache)
+  line = _one_line_error(proc, 'Training diverged: non-finite loss at step', 'learning_rate')
+  step = int(re.search(r'at step (\d+)', line).group(1))
+  logged = [r['step'] for r in workdir_lib.read_metrics(wd)]
+  assert logged == list(range(1, step)), (logged, line)   # every logged step before it is finite
+  newest = checkpoint.latest_step(wd)
+  assert f'newest checkpoint ({newest}) is intact' in line and newest < step
+  assert workdir_lib.read_diverged(wd)['checkpoint_step'] == newest
+  proc = _cli(wd, steps, *_SMALL_EVAL, cache_dir=jax_cache)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (f'Evaluating checkpoint step {newest}, short of the 6 steps' in proc.stderr
+          and f'diverged at step {step}' in proc.stderr), proc.stderr[-3000:]
+  with open(os.path.join(wd, 'eval', 'results.json')) as f:
+    assert f'diverged at step {step}' in json.load(f)['training_note']
+
+
+_SMALL_EVAL = ("--config.eval.feature_kinds=('diffpath_1d',)",
+               "--config.eval.ood_datasets=('noise_gaussian',)")
+
+
+@pytest.fixture(scope='module')
+def jax_cache(tmp_path_factory):
+  """A persistent compilation cache shared by this module's subprocesses (reruns skip compiles)."""
+  return tmp_path_factory.mktemp('jax_cache')
+
+
+@contextlib.contextmanager
+def _tmpfs(path, size):
+  """A tmpfs of ``size`` (e.g. '3m') mounted at ``path``; the test is skipped where mounting is
+  not allowed (needs root / CAP_SYS_ADMIN, as in the project's CI container)."""
+  os.makedirs(path, exist_ok=True)
+  mount = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(path)],
+                         capture_output=True, text=True)
+  if mount.returncode:
+    pytest.skip(f'cannot mount a tmpfs here ({mount.stderr.strip() or mount.returncode}); the '
+                'disk-full and read-only cases need one')
+  try:
+    yield str(path)
+  finally:
+    subprocess.run(['umount', '-l', str(path)], check=False)
+
+
+def _remount(path, options):
+  subprocess.run(['mount', '-o', f'remount,{options}', str(path)], check=True)
+
+
+def test_disk_full_is_one_line_and_the_run_resumes(tmp_path, jax_cache):
+  """Item 5: no space left while training (Orbax's background writer) and while evaluating:
+  one line each, no traceback; with space freed the same commands resume and finish."""
+  with _tmpfs(tmp_path / 'disk', '3m') as disk:
+    wd = os.path.join(disk, 'run')
+    steps = '--config.train.num_steps=6'
+    line = _one_line_error(_cli(wd, steps, mode='train', cache_dir=jax_cache),
+                           'No space left on device', 'rerun the same command')
+    newest = checkpoint.latest_step(wd)
+    assert newest is not None and f'newest finished checkpoint ({newest}) is intact' in line
+    _remount(disk, 'size=16m')
+    proc = _cli(wd, steps, mode='train', cache_dir=jax_cache)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f'Resumed from checkpoint at step {newest}' in proc.stderr
+    assert [r['step'] for r in workdir_lib.read_metrics(wd)] == [1, 2, 3, 4, 5, 6]
+    # Evaluate with only a few KB left: features / detectors / results cannot be written.
+    filler = os.path.join(disk, 'filler')
+    free = shutil.disk_usage(disk).free
+    with open(filler, 'wb') as f:
+      f.write(b'\0' * (free - 16 * 1024))
+    _one_line_error(_cli(wd, steps, *_SMALL_EVAL, cache_dir=jax_cache), 'No space left on device',
+                    'Free space')
+    os.remove(filler)
+    proc = _cli(wd, steps, *_SMALL_EVAL, cache_dir=jax_cache)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.load(open(os.path.join(wd, 'eval', 'results.json')))['checkpoint_step'] == 6
+
+
+def test_read_only_workdir_and_out_fail_before_any_work(run_dir, tmp_path):
+  """Items 6-7: a read-only workdir (evaluate) and a read-only --out (score) are refused before
+  any work, in one line; the workdir is untouched and usable once writable."""
+  with _tmpfs(tmp_path / 'ro', '8m') as disk:
+    wd = os.path.join(disk, 'run')
+    shutil.copytree(run_dir, wd)
+    before = _snapshot(wd)
+    _remount(disk, 'ro')
+    t0 = time.time()
+    _one_line_error(_cli(wd, *_SMALL_EVAL), f'--workdir={wd} is not writable',
+                    'Read-only file system')
+    out = os.path.join(disk, 's.csv')
+    images = tmp_path / 'images'
+    images.mkdir()
+    _write_png(images / 'a.png', 7)
+    proc = subprocess.run(
+        [sys.executable, '-m', 'ddm_ood.main', '--mode=score', f'--workdir={run_dir}',
+         f'--images=folder:{images}', f'--out={out}'], cwd=h.ROOT, env=h.subprocess_env(),
+        capture_output=True, text=True, timeout=300)
+    _one_line_error(proc, f'--out={out} is not writable', 'Read-only file system')
+    assert time.time() - t0 < 60 and not os.path.exists(out)
+    _remount(disk, 'rw')
+    assert _snapshot(wd) == before
+    _, step = checkpoint.restore_ema_params(wd, _tiny())
+    assert step == 4
+
+
+def test_empty_batch_gives_an_empty_result():
+  """Item 8: zero images -> zero scores / maps (was a ZeroDivisionError in content_ids)."""
+  config = _tiny()
+  model = unet.build_model(config)
+  params = h.random_params(model, 16, seed=3)
+  fitted = detector.fit_detector(np.random.default_rng(0).normal(size=(64, 6)), config.detector,
+                                 seed=0)
+  sched = schedule_lib.make_schedule('cosine', 100)
+  ood = api.AnomalyScorer(
+      config=config, kind='stein_ssim', id_dataset='x', step=0, unet_params=params,
+      detector_params=fitted.params, apply_fn=lambda p, x, t: model.apply(p, x, t),
+      schedule=sched, key=evaluate.scorer_key(0))
+  empty = np.zeros((0, 16, 16, 1), np.float32)
+  assert np.asarray(scorer.content_ids(empty)).shape == (0,)
+  scores = ood(empty)
+  assert scores.shape == (0,) and scores.dtype == np.float32
+  assert ood(empty, np.zeros(0, np.int32)).shape == (0,)
+  maps = api.build_anomaly_map_fn(config, lambda p, x, t: model.apply(p, x, t), sched, params,
+                                  evaluate.scorer_key(0), output='both')(empty)
+  assert maps['map'].shape == maps['baseline'].shape == (0, 16, 16)
+
+
+def test_feature_cache_of_another_network_is_recomputed(tmp_path, caplog):
+  """The feature cache is keyed by checkpoint step; features another network computed at the
+  same step (a retrained workdir) are dropped, not reused."""
+  config = _tiny()
+  config.eval.feature_kinds = ('diffpath_1d',)
+  model = unet.build_model(config)
+  a = evaluate.FeatureExtractor(config, h.random_params(model, 16, seed=4), 4,
+                                cache_dir=str(tmp_path)).features('noise_gaussian', 'test', 4)
+  other = evaluate.FeatureExtractor(config, h.random_params(model, 16, seed=5), 4,
+                                    cache_dir=str(tmp_path))
+  with caplog.at_level(logging.WARNING):
+    b = other.features('noise_gaussian', 'test', 4)
+  assert any('computed by another network' in r.getMessage() for r in caplog.records)
+  assert not np.array_equal(a['features/diffpath_1d'], b['features/diffpath_1d'])
+  again = evaluate.FeatureExtractor(config, h.random_params(model, 16, seed=5), 4,
+                                    cache_dir=str(tmp_path)).features('noise_gaussian', 'test', 4)
+  np.testing.assert_array_equal(again['features/diffpath_1d'], b['features/diffpath_1d'])

@@ -153,3 +153,39 @@ def test_bad_flags_and_unevaluated_workdir(run, folder, tmp_path):
   proc = _main('--mode=evaluate', f'--workdir={run}', f'--images={images}')
   assert proc.returncode == 1 and '--images only apply to --mode=score' in proc.stderr
   assert not os.path.exists(out)
+
+
+def test_stale_detector_is_refused_until_refit(run, folder, tmp_path):
+  """Evaluate at step 4, train on to step 6: score mode and the API refuse the detector and
+  threshold of step 4 (never mixing two networks) and name the refit commands; --refit refits."""
+  from ddm_ood import api
+  from ddm_ood import provenance
+  from ddm_ood import train
+  from ddm_ood import workdir as workdir_lib
+  wd = str(tmp_path / 'run')
+  shutil.copytree(run, wd, ignore=shutil.ignore_patterns(workdir_lib.LOCK_FILE))
+  config = workdir_lib.load_config(wd)
+  config.train.num_steps = 6           # what `--mode=train --config.train.num_steps=6` does
+  train.train(config, wd)
+  workdir_lib.save_config(config, wd)
+  out = tmp_path / 'scores.csv'
+  proc = _main('--mode=score', f'--workdir={wd}', f'--images=folder:{folder[1]}', f'--out={out}')
+  assert proc.returncode == 1 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  errors = [l for l in proc.stderr.splitlines() if l.startswith('ddm_ood: error:')]
+  assert len(errors) == 1, proc.stderr[-3000:]
+  for needle in ('checkpoint step 4', 'now holds step 6', f'--mode=evaluate --workdir={wd}',
+                 '--refit'):
+    assert needle in errors[0], errors[0]
+  assert not out.exists()
+  with pytest.raises(provenance.StaleDetectorError, match=r'step 4 .*step 6.*--mode=evaluate'):
+    api.load_anomaly_scorer(wd)
+  proc = _main('--mode=score', f'--workdir={wd}', f'--images=folder:{folder[1]}', f'--out={out}',
+               '--refit')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'Rerunning evaluate' in proc.stderr
+  ood = api.load_anomaly_scorer(wd)
+  assert ood.step == 6 and ood.provenance['checkpoint_step'] == 6
+  got = {os.path.basename(r[0]): float(r[1]) for r in _read_csv(out)}
+  want = ood(data.load_images(f'folder:{folder[1]}', 'test', ood.config.data))
+  files = [os.path.basename(f) for f in data.folder_files(folder[1], 'test')]
+  np.testing.assert_allclose([got[f] for f in files], want, rtol=1e-5, atol=1e-5)

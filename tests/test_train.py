@@ -222,10 +222,14 @@ def _tensorboard_scalars(workdir, tag):
 def test_nonfinite_loss_raises_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
   config = h.load_config('tiny')
   config.train.num_steps, config.train.checkpoint_every = 6, 2
-  h.nan_at_step(monkeypatch, 3)
-  with pytest.raises(FloatingPointError, match=r'step 3.*learning_rate'):
+  h.nan_at_step(monkeypatch, 3)   # the 4th step: metrics.jsonl counts steps from 1
+  with pytest.raises(train.TrainingDivergedError, match=r'step 4 .*learning_rate'):
     train.train(config, str(tmp_path))
   assert checkpoint.latest_step(str(tmp_path)) == 2
+  assert [r['step'] for r in workdir_lib.read_metrics(str(tmp_path))] == [1, 2, 3]
+  marked = workdir_lib.read_diverged(str(tmp_path))
+  assert (marked['step'], marked['checkpoint_step']) == (4, 2)
+  assert 'diverged at step 4' in workdir_lib.training_note(str(tmp_path), 2)
   ema, step = checkpoint.restore_ema_params(str(tmp_path), config)
   assert step == 2 and all(np.all(np.isfinite(x)) for x in jax.tree.leaves(ema))
 

@@ -91,3 +91,38 @@ def test_save_detector_is_atomic_and_round_trips(tmp_path):
   for a, b in zip(fitted.params, back.params):
     np.testing.assert_array_equal(np.asarray(a), b)
   assert _no_temporaries(tmp_path) == []
+
+
+def test_detector_provenance_round_trips_and_a_mismatch_names_the_refit(tmp_path):
+  from ddm_ood import provenance
+  from tests import train_helpers as h
+  config = h.load_config('tiny')
+  params = {'w': np.arange(6, dtype=np.float32).reshape(2, 3)}
+  digest = provenance.params_digest(params)
+  assert digest == provenance.params_digest({'w': np.arange(6, dtype=np.float32).reshape(2, 3)})
+  assert digest != provenance.params_digest({'w': np.arange(6, dtype=np.float32).reshape(3, 2)})
+  record = provenance.record(4, digest, config)
+  fitted = detector.fit_detector(np.random.default_rng(0).normal(size=(40, 2)),
+                                 ml_collections.ConfigDict({'n_components': (1,),
+                                                            'covariance_types': ('diag',),
+                                                            'cv_folds': 2}), seed=0)
+  path = str(tmp_path / 'det.npz')
+  workdir_lib.save_detector(fitted, path, provenance=record)
+  saved = workdir_lib.load_detector(path).info['provenance']
+  assert saved == record
+  provenance.check(saved, record, 'The detector', 'W')   # the same network and settings
+  config.scorer.batch_size = 3                            # how, not what, is computed
+  provenance.check(saved, provenance.record(4, digest, config), 'The detector', 'W')
+  later = provenance.record(6, provenance.params_digest({'w': np.ones((2, 3), np.float32)}),
+                            config)
+  with pytest.raises(provenance.StaleDetectorError,
+                     match=r'checkpoint step 4 .*now holds step 6.*--mode=evaluate --workdir=W.*'
+                     r'--refit'):
+    provenance.check(saved, later, 'The detector', 'W')
+  config.scorer.num_steps = 8
+  with pytest.raises(provenance.StaleDetectorError, match=r'scorer.num_steps: 4 then, 8 now'):
+    provenance.check(saved, provenance.record(4, digest, config), 'The detector', 'W')
+  # A detector of an older version: only results.json's checkpoint step can be compared.
+  provenance.check({'checkpoint_step': 4}, record, 'The detector', 'W')
+  with pytest.raises(provenance.StaleDetectorError, match='step 4'):
+    provenance.check({'checkpoint_step': 4}, later, 'The detector', 'W')

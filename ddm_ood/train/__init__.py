@@ -6,6 +6,7 @@ order over hosts), ``loop`` (the impure shell: `train`, checkpoints, signals, me
 
 from ddm_ood.train.loop import append_metrics
 from ddm_ood.train.loop import train
+from ddm_ood.train.loop import TrainingDivergedError
 from ddm_ood.train.loop import truncate_metrics
 from ddm_ood.train.loop import write_samples
 from ddm_ood.train.step import create_train_state
@@ -21,4 +22,5 @@ from ddm_ood.train.stream import make_stream
 
 __all__ = ['TrainState', 'make_lr_schedule', 'make_optimizer', 'create_train_state', 'loss_fn',
            'make_train_step', 'BatchStream', 'check_batch_size', 'load_training_images',
-           'make_stream', 'train', 'write_samples', 'append_metrics', 'truncate_metrics']
+           'make_stream', 'train', 'TrainingDivergedError', 'write_samples', 'append_metrics',
+           'truncate_metrics']

@@ -17,6 +17,7 @@ from typing import Any
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
@@ -52,20 +53,48 @@ def truncate_metrics(workdir: str, step: int) -> None:
 
 
 # ------------------------------------------------------------------------------------ helpers
-class _SigtermFlag:
-  """Installs a SIGTERM handler (main thread only) that just sets a flag."""
+class TrainingDivergedError(FloatingPointError):
+  """The loss or gradient norm became NaN / inf; the message names the step and what to do."""
+
+
+class _StopSignal:
+  """SIGTERM (preemption) on any process -> every process saves after the same step and stops.
+
+  One process: a handler that sets a flag. Several: JAX's preemption service
+  (`multihost_utils.reached_preemption_sync_point`; it catches SIGTERM on every host and
+  chooses one step all of them reach); where that service is disabled, each process's flag is
+  combined with the others' every step.
+  """
 
   def __init__(self):
     self.received = False
     self._previous = None
+    self._jax_sync = jax.process_count() > 1
 
   def __enter__(self):
+    if not self._jax_sync:
+      self._install_handler()
+    return self
+
+  def _install_handler(self):
     if threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
-    return self
 
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
     self.received = True
+
+  def should_stop(self, step: int) -> bool:
+    """Whether to save ``step`` and stop; every process calls it after every step."""
+    if self._jax_sync:
+      try:
+        self.received = self.received or multihost_utils.reached_preemption_sync_point(step)
+        return self.received
+      except RuntimeError:  # jax_enable_preemption_service is off: combine the flags instead
+        self._jax_sync = False
+        self._install_handler()
+    if jax.process_count() > 1:
+      return not sharding.all_processes(not self.received)
+    return self.received
 
   def __exit__(self, *exc):
     if self._previous is not None:
@@ -136,8 +165,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     'preempted' (True when stopped by SIGTERM before num_steps).
 
   Raises:
-    FloatingPointError: the loss or gradient became NaN/inf (the bad state is not saved).
-    SystemExit(0): after saving, when SIGTERM was received (preemption); rerun to resume.
+    TrainingDivergedError: the loss or gradient became NaN/inf (a `FloatingPointError`; the bad
+      state is not saved, the newest checkpoint is marked in ``workdir/diverged.json``).
+    checkpoint.CheckpointWriteError: a checkpoint did not fit on the disk or could not be written.
+    SystemExit(0): after saving, when SIGTERM was received (preemption) by any process: all
+      processes save the same step; rerun to resume.
     workdir.WorkdirError: a bad config (e.g. ``train.num_steps <= 0``), a network config that
       differs from the checkpoint's, or another process holding the workdir.
   """
@@ -206,7 +238,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     finally:
       writer.close()
   finally:
-    manager.wait_until_finished()
+    ckpt_lib.wait_until_finished(manager)
     manager.close()
 
 
@@ -222,37 +254,42 @@ def _loop(config, workdir, state, stream, train_step, manager, mesh, model, writ
             'config': json.loads(config.to_json_best_effort())}
 
   def check_finite(step, metrics):
+    """``step``: the 1-based number of the step that produced ``metrics`` (as metrics.jsonl)."""
     m = jax.device_get(metrics)
     if not (np.isfinite(m['loss']) and np.isfinite(m['grad_norm'])):
-      manager.wait_until_finished()
-      raise FloatingPointError(
-          f'Non-finite training loss at step {step} (loss={m["loss"]}, grad_norm='
-          f'{m["grad_norm"]}). Nothing was saved after it; the newest checkpoint '
-          f'({ckpt_lib.latest_step(workdir)}) is intact. Try a lower train.learning_rate '
-          '(or longer train.warmup_steps / a grad_clip), and check the data is finite and in '
-          '[-1, 1].')
+      ckpt_lib.wait_until_finished(manager)
+      newest = manager.latest_step()
+      message = (
+          f'Training diverged: non-finite loss at step {step} (loss={m["loss"]}, grad_norm='
+          f'{m["grad_norm"]}). Nothing was saved after it; the newest checkpoint ({newest}) is '
+          'intact and marked as the last finite one (diverged.json). Resume from it with a lower '
+          'train.learning_rate (or longer train.warmup_steps / a smaller train.grad_clip), and '
+          'check the data is finite and in [-1, 1].')
+      workdir_lib.mark_diverged(workdir, step, newest, message)
+      raise TrainingDivergedError(message)
     return m
 
   result = {}
   t_log, step_log = time.time(), start
   pending = None  # (step, metrics) of the previous step, checked one step late (no stall)
   preempted = False
-  with _SigtermFlag() as sigterm:
+  with _StopSignal() as stop_signal:
     step = start
     while step < num_steps:
       batch = sharding.global_batch_from_local(stream.batch(step), mesh)
       state, metrics = train_step(state, batch)
       if pending is not None:
         check_finite(*pending)
-      pending = (step, metrics)
       step += 1
+      pending = (step, metrics)
       if step == start + 1:  # steps/s excludes compilation
         jax.block_until_ready(metrics)
         t_log, step_log = time.time(), step
       if report_progress is not None:
         report_progress(step)
       log_now = step % int(tc.log_every) == 0 or step == num_steps
-      save_now = step % int(tc.checkpoint_every) == 0 or step == num_steps or sigterm.received
+      stop = stop_signal.should_stop(step)
+      save_now = step % int(tc.checkpoint_every) == 0 or step == num_steps or stop
       if log_now or save_now:
         m = check_finite(*pending)
         pending = None
@@ -268,16 +305,24 @@ def _loop(config, workdir, state, stream, train_step, manager, mesh, model, writ
           append_metrics(workdir, result)
       if save_now:
         ckpt_lib.save(manager, step, state, meta_for(step))
-      if sigterm.received and step < num_steps:
+      if stop and step < num_steps:
         preempted = True
         break
       if tc.sample_every and step % int(tc.sample_every) == 0 and step < num_steps:
         write_samples(config, model, state.ema_params, mesh, step, workdir)
-  manager.wait_until_finished()
+  ckpt_lib.wait_until_finished(manager)
   writer.flush()
+  workdir_lib.clear_diverged(workdir)   # a finite checkpoint past the divergence now exists
   if preempted:
-    logging.warning('SIGTERM received: saved checkpoint at step %d in %s; exiting. Rerun the '
-                    'same command to resume.', step, manager.directory)
+    if manager.latest_step() != step:
+      raise ckpt_lib.CheckpointWriteError(
+          f'SIGTERM received, but the checkpoint of step {step} is not in {manager.directory} '
+          f'after saving (newest: {manager.latest_step()}); rerun the same command to resume '
+          'from the newest one.')
+    logging.warning('SIGTERM received: saved checkpoint at step %d in %s%s; exiting. Rerun the '
+                    'same command to resume.', step, manager.directory,
+                    f' (every one of the {jax.process_count()} processes stopped after this step)'
+                    if jax.process_count() > 1 else '')
     raise SystemExit(0)
   write_samples(config, model, state.ema_params, mesh, step, workdir)
   logging.info('Training finished at step %d.', step)
@@ -286,4 +331,4 @@ def _loop(config, workdir, state, stream, train_step, manager, mesh, model, writ
   return {**result, 'step': step, 'preempted': False}
 
 
-__all__ = ['train', 'write_samples', 'append_metrics', 'truncate_metrics']
+__all__ = ['train', 'write_samples', 'append_metrics', 'truncate_metrics', 'TrainingDivergedError']

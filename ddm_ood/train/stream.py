@@ -12,6 +12,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from ddm_ood import config_checks
 from ddm_ood import data as data_lib
 from ddm_ood import sampling
 
@@ -72,11 +73,13 @@ class BatchStream:
 
 
 def check_batch_size(global_batch: int) -> int:
-  """Returns the per-host batch size; raises ValueError unless it splits over devices/hosts."""
+  """Returns the per-host batch size; raises `WorkdirError` (a ValueError) unless it splits over
+  devices/hosts."""
   n_dev, n_proc = jax.device_count(), jax.process_count()
   if global_batch % n_dev:
-    raise ValueError(f'train.batch_size={global_batch} (global) must be divisible by the '
-                     f'number of devices ({n_dev}); e.g. use {max(n_dev, global_batch // n_dev * n_dev)}.')
+    raise config_checks.WorkdirError(
+        f'train.batch_size={global_batch} (global) must be divisible by the number of devices '
+        f'({n_dev}); e.g. use {max(n_dev, global_batch // n_dev * n_dev)}.')
   return global_batch // n_proc
 
 
