@@ -171,9 +171,35 @@ def test_every_core_entry_checks_inputs_the_same_way():
     ('corruptions', ('blur', 'melt'), r"config.select.corruptions=\('blur', 'melt'\) must be a "
                                       r"non-empty subset of \('patch_shuffle'.*; unknown: \['melt'\]"),
     ('aggregations', (), r'config.select.aggregations=\(\) must be a non-empty subset'),
+    ('complexity', (), r'config.select.complexity=\(\) must be a non-empty tuple of booleans'),
+    ('complexity', ('yes',), r'must be a non-empty tuple of booleans'),
+    ('criterion_quantile', 0.0, r'config.select.criterion_quantile=0.0 must be in \(0, 1\]'),
+    ('anomalies_per_image', 0, r'config.select.anomalies_per_image=0 must be >= 1'),
 ])
 def test_select_section_is_validated(field, value, message):
   cfg = default_config.get_config()
   cfg.select[field] = value
   with pytest.raises(workdir_lib.WorkdirError, match=message):
     workdir_lib.validate_config(cfg, 'evaluate')
+
+
+@pytest.mark.parametrize('pairs,message', [
+    ((('mnist[0-4]',),), r"near_ood_pairs: \('mnist\[0-4\]',\) is not an \(ID, OOD\) pair"),
+    ((('mnist[0-4]', 'mnist[10]'),), r"near_ood_pairs \(OOD\): .*unknown class '10'"),
+    ((('digits[1]', 'mnist'),), r'near_ood_pairs \(ID\): .*class splits NAME\[CLASSES\] exist'),
+    ((('mnist[0-4]', 'mnist[5-9]'),) * 2, r'config.eval.near_ood_pairs names .* more than once'),
+])
+def test_near_ood_pairs_are_validated(pairs, message):
+  cfg = default_config.get_config()
+  cfg.eval.near_ood_pairs = pairs
+  with pytest.raises(workdir_lib.WorkdirError, match=message):
+    workdir_lib.validate_config(cfg, 'evaluate')
+
+
+def test_fused_kinds_validate_in_the_config():
+  cfg = default_config.get_config()
+  cfg.eval.feature_kinds = ('stein', 'stein+diffpath_6d')
+  with pytest.raises(workdir_lib.WorkdirError, match="feature_kinds: .*'diffpath_6d' cannot be"):
+    workdir_lib.validate_config(cfg, 'evaluate')
+  cfg.eval.feature_kinds = ('stein+stein_ddim', 'diffpath_6d')
+  workdir_lib.validate_config(cfg, 'evaluate')
