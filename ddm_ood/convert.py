@@ -12,8 +12,9 @@ One flag per source kind (`ddm_ood.importers.IMPORTERS`):
 
 writes an Orbax checkpoint (the converted weights as the EMA parameters, step 0) and
 ``config.json`` into the workdir, so ``python -m ddm_ood.main --mode=evaluate``
-(``--config=configs/workdir.py:WORKDIR`` reuses the workdir's config), `ddm_ood.api.load_anomaly_scorer`,
-`ddm_ood.api.load_denoiser` and the report work on it unchanged. Reading ``.pt`` / ``.bin`` files
+(``--config=configs/workdir.py:WORKDIR`` reuses the workdir's config),
+`ddm_ood.api.load_anomaly_scorer`, `ddm_ood.api.load_denoiser` and the report work on it
+unchanged. Reading ``.pt`` / ``.bin`` files
 needs PyTorch (``pip install -e '.[convert]'``); ``.safetensors`` needs the ``safetensors``
 package; ``.npz`` needs nothing. Everything is read and checked before anything is written: an
 unsupported option or a mismatching tensor is one error naming it, and the workdir stays as it was.

@@ -159,7 +159,7 @@ class _Block(nn.Module):
   block_type: str
   out_ch: int
   num_layers: int
-  resample: str      # '' (none), 'conv' or 'resnet'
+  sampler: str       # '' (none), 'conv' or 'resnet'
   heads: int         # 0: no attention (mid block)
   attn_groups: int
   groups: int
@@ -198,11 +198,11 @@ class _Block(nn.Module):
         skips.append(h)
     kind = 'down' if down else 'up'
     name = 'downsamplers_0' if down else 'upsamplers_0'
-    if self.resample == 'conv':
+    if self.sampler == 'conv':
       h = _Sampler(kind, self.downsample_padding, self.dtype, name=name)(h)
-    elif self.resample == 'resnet':
+    elif self.sampler == 'resnet':
       h = self._resnet(name, updown=kind)(h, temb, train)
-    if down and self.resample:
+    if down and self.sampler:
       skips.append(h)
     return h
 
@@ -242,10 +242,6 @@ class DiffusersUNet2D(nn.Module):
   num_train_timesteps: int = 0
   dtype: Any = jnp.float32
 
-  @property
-  def downsample_factor(self) -> int:
-    return 2 ** (len(self.block_out_channels) - 1)
-
   def check_config(self) -> None:
     """Raises ValueError naming every field this module does not compute as diffusers does."""
     bad = unsupported_options(self)
@@ -259,7 +255,7 @@ class DiffusersUNet2D(nn.Module):
   def __call__(self, x: jax.Array, t: jax.Array, train: bool = False) -> jax.Array:
     """Predicts [B, H, W, channels] (eps, or v / x0 per ``model.prediction_type``) of x_t."""
     self.check_config()
-    check_image_input(x, t, self.channels, self.downsample_factor,
+    check_image_input(x, t, self.channels, 2 ** (len(self.block_out_channels) - 1),
                            f'block_out_channels={tuple(self.block_out_channels)}',
                            'config.model.diffusers_unet2d.block_out_channels')
     if self.center_input_sample:
@@ -279,9 +275,9 @@ class DiffusersUNet2D(nn.Module):
     skips = [h]
     last = len(self.block_out_channels) - 1
     for i, (block_type, width) in enumerate(zip(self.down_block_types, self.block_out_channels)):
-      resample = '' if i == last else (
+      sampler = '' if i == last else (
           self.downsample_type if block_type.startswith('Attn') else 'conv')
-      h = _Block(block_type, width, self.layers_per_block, resample, self._heads(width),
+      h = _Block(block_type, width, self.layers_per_block, sampler, self._heads(width),
                  self.norm_num_groups, name=f'down_blocks_{i}', **kw)(h, temb, skips, train)
     if self.mid_block_type:
       width = self.block_out_channels[-1]
@@ -292,9 +288,9 @@ class DiffusersUNet2D(nn.Module):
                  **kw)(h, temb, skips, train)
     for i, (block_type, width) in enumerate(zip(self.up_block_types,
                                                 reversed(self.block_out_channels))):
-      resample = '' if i == last else (
+      sampler = '' if i == last else (
           self.upsample_type if block_type.startswith('Attn') else 'conv')
-      h = _Block(block_type, width, self.layers_per_block + 1, resample, self._heads(width),
+      h = _Block(block_type, width, self.layers_per_block + 1, sampler, self._heads(width),
                  self.norm_num_groups, name=f'up_blocks_{i}', **kw)(h, temb, skips, train)
     assert not skips
     h = nn.silu(GroupNorm(self.norm_num_groups, self.norm_eps, self.dtype,

@@ -67,7 +67,7 @@ def check_image_input(x: jax.Array, t: jax.Array, channels: int, factor: int, wh
 
 
 def resample(x: jax.Array, how: str) -> jax.Array:
-  """x [B, H, W, C] halved by 2x2 average pooling ('down') or doubled by nearest neighbour ('up')."""
+  """x [B, H, W, C] halved by 2x2 average pooling ('down'), doubled by nearest neighbour ('up')."""
   if how == 'down':
     return nn.avg_pool(x, (2, 2), strides=(2, 2))
   if how == 'up':
@@ -105,7 +105,8 @@ class GroupNorm(nn.Module):
     c, g = x.shape[-1], self.num_groups
     if c % g:
       raise ValueError(f'GroupNorm: {c} channels are not divisible by num_groups={g} '
-                       '(config.model.num_groups must divide every width ch * ch_mult).')
+                       '(config.model.num_groups, or diffusers_unet2d.norm_num_groups, must divide '
+                       'every width).')
     scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
     xf = x.astype(jnp.float32)

@@ -145,21 +145,22 @@ def eps_at_timesteps(forward, images, alphas_cumprod, rng):
 def diffpath_statistics(model_fn, betas, images, guided_dir, learn_sigma=False):
   """DiffPath's statistics of the ddim10 inversion by guided-diffusion's own GaussianDiffusion.
 
-  ``model_fn(x NCHW, t) -> NCHW`` (eps, then the variance channels when ``learn_sigma``). Returns (stats_6d [B, 6],
-  stats_1d [B], ddim timesteps [K]) in float64, eps' re-derived from the clipped x0 with the
-  diffusion's float32-extracted coefficients as DiffPath's ``ddim_reverse_sample_loop`` does.
+  ``model_fn(x NCHW, t) -> NCHW`` (eps, then the variance channels when ``learn_sigma``).
+  Returns (stats_6d [B, 6], stats_1d [B], ddim timesteps [K]) in float64, eps' re-derived from
+  the clipped x0 with the diffusion's float32-extracted coefficients as DiffPath's
+  ``ddim_reverse_sample_loop`` does.
   """
   import torch as th
   sys.path.insert(0, os.path.abspath(guided_dir))
   from guided_diffusion import gaussian_diffusion as gd  # pylint: disable=g-import-not-at-top
-  from guided_diffusion.gaussian_diffusion import _extract_into_tensor  # pylint: disable=g-import-not-at-top
-  from guided_diffusion.respace import SpacedDiffusion, space_timesteps  # pylint: disable=g-import-not-at-top
-  diffusion = SpacedDiffusion(use_timesteps=space_timesteps(len(betas), f'ddim{DDIM_STEPS}'),
-                              betas=np.asarray(betas, np.float64),
-                              model_mean_type=gd.ModelMeanType.EPSILON,
-                              model_var_type=(gd.ModelVarType.LEARNED_RANGE if learn_sigma
-                                              else gd.ModelVarType.FIXED_SMALL),
-                              loss_type=gd.LossType.MSE)
+  from guided_diffusion import respace  # pylint: disable=g-import-not-at-top
+  extract = gd._extract_into_tensor  # pylint: disable=protected-access
+  diffusion = respace.SpacedDiffusion(
+      use_timesteps=respace.space_timesteps(len(betas), f'ddim{DDIM_STEPS}'),
+      betas=np.asarray(betas, np.float64), model_mean_type=gd.ModelMeanType.EPSILON,
+      model_var_type=(gd.ModelVarType.LEARNED_RANGE if learn_sigma
+                      else gd.ModelVarType.FIXED_SMALL),
+      loss_type=gd.LossType.MSE)
   x = th.from_numpy(images.transpose(0, 3, 1, 2).copy())
   b = x.shape[0]
   path = []
@@ -167,9 +168,8 @@ def diffpath_statistics(model_fn, betas, images, guided_dir, learn_sigma=False):
     for k in range(DDIM_STEPS):
       t = th.tensor([k] * b)
       out = diffusion.ddim_reverse_sample(model_fn, x, t, clip_denoised=True)
-      eps = (_extract_into_tensor(diffusion.sqrt_recip_alphas_cumprod, t, x.shape) * x
-             - out['pred_xstart']) / _extract_into_tensor(diffusion.sqrt_recipm1_alphas_cumprod,
-                                                          t, x.shape)
+      eps = (extract(diffusion.sqrt_recip_alphas_cumprod, t, x.shape) * x
+             - out['pred_xstart']) / extract(diffusion.sqrt_recipm1_alphas_cumprod, t, x.shape)
       path.append(eps.numpy().astype(np.float64))
       x = out['sample']
   e = np.stack(path, 1)                            # [B, K, C, H, W]
@@ -200,8 +200,9 @@ def _commit(path: str, default: str) -> str:
 def make_guided(args) -> dict:
   import torch as th
   sys.path.insert(0, os.path.abspath(args.guided_dir))
-  from guided_diffusion.gaussian_diffusion import get_named_beta_schedule  # pylint: disable=g-import-not-at-top
-  from guided_diffusion.unet import UNetModel  # pylint: disable=g-import-not-at-top
+  from guided_diffusion import gaussian_diffusion  # pylint: disable=g-import-not-at-top
+  from guided_diffusion import unet as guided_unet  # pylint: disable=g-import-not-at-top
+  UNetModel = guided_unet.UNetModel  # pylint: disable=invalid-name
   th.manual_seed(args.seed)
   model = UNetModel(**GUIDED_FLAGS)
   reinit_(model, args.seed)
@@ -216,7 +217,7 @@ def make_guided(args) -> dict:
   assert any(v.dtype == np.float16 for v in state_dict.values())
   assert all(np.array_equal(v.astype(np.float32), model.state_dict()[k].numpy())
              for k, v in state_dict.items()), 'weights not exact in float16'
-  betas = get_named_beta_schedule('linear', 1000)
+  betas = gaussian_diffusion.get_named_beta_schedule('linear', 1000)
   alphas_cumprod = np.cumprod(1.0 - betas)
   images, sources, rng = images_and_noise(args.seed, GUIDED_FLAGS['image_size'])
   x_t, eps = eps_at_timesteps(_nchw(model), images, alphas_cumprod, rng)
@@ -240,7 +241,8 @@ def make_guided(args) -> dict:
 def make_diffusers(args) -> dict:
   import diffusers
   import torch as th
-  from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel  # pylint: disable=g-import-not-at-top
+  from diffusers import DDIMScheduler, DDPMPipeline  # pylint: disable=g-import-not-at-top
+  from diffusers import DDPMScheduler, UNet2DModel  # pylint: disable=g-import-not-at-top
   th.manual_seed(args.seed)
   report = {}
   # 1. The DDPM family's layout as a pipeline folder.

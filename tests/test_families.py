@@ -141,17 +141,23 @@ def test_guided_checkpoint_errors_name_the_field(tmp_path):
 # ------------------------------------------------------------------------------ diffusers
 
 
+def check_snapshot_eps(which: str, prediction: str, schedule: str) -> dict:
+  """The snapshot's config as read, and its eps = the official one; returns the reference."""
+  ref = reference(f'diffusers_{which}_tiny')
+  config, _, _ = loaded(which)
+  assert config.model.family == 'diffusers_unet2d'
+  assert (config.model.prediction_type, config.diffusion.schedule) == (prediction, schedule)
+  errors = eps_error(which, ref)
+  print(which, 'eps', errors)
+  assert max(errors) < EPS_ATOL
+  assert float(np.abs(ref['eps']).mean()) > 0.1
+  return ref
+
+
 def test_diffusers_pipeline_eps_schedule_and_statistics_equal_official():
   """google/ddpm-cifar10-32's layout (pipeline folder): eps, alphas_cumprod and DiffPath's
   statistics of the official UNet2DModel and DDPMScheduler."""
-  ref = reference('diffusers_ddpm_tiny')
-  config, _, _ = loaded('ddpm')
-  assert config.model.family == 'diffusers_unet2d'
-  assert config.diffusion.schedule == 'diffusers_linear'
-  errors = eps_error('ddpm', ref)
-  print('eps', errors)
-  assert max(errors) < EPS_ATOL
-  assert float(np.abs(ref['eps']).mean()) > 0.1
+  ref = check_snapshot_eps('ddpm', 'epsilon', 'diffusers_linear')
   feats, sched = diffpath_features('ddpm', ref['images'])
   assert np.abs(np.asarray(sched.alphas_cumprod, np.float64) - ref['alphas_cumprod']).max() < \
       ABAR_ATOL
@@ -172,13 +178,7 @@ def test_diffusers_schedules_equal_the_official_scheduler(name, beta_start, beta
 def test_diffusers_every_option_and_v_prediction():
   """Flat folder; scale-shift, resnet resamplers, head dim 8, mish, learned time embedding,
   flip / shift, centred input, mid scale factor, learned variance, DDIM scaled_linear + v."""
-  ref = reference('diffusers_options_tiny')
-  config, _, _ = loaded('options')
-  assert config.model.prediction_type == 'v_prediction'
-  assert config.diffusion.schedule == 'diffusers_scaled_linear'
-  errors = eps_error('options', ref)
-  print('eps', errors)
-  assert max(errors) < EPS_ATOL
+  ref = check_snapshot_eps('options', 'v_prediction', 'diffusers_scaled_linear')
   # eps, not the raw v, is what the network returns
   assert np.abs(ref['v'] - ref['eps']).max() > 0.1
 
@@ -328,3 +328,69 @@ def test_allowed_values_come_from_the_registries():
     config_checks.validate_config(config, 'train')
   assert set(schedule_lib.SCHEDULES) == set(schedule_lib.SCHEDULE_REGISTRY)
   assert unet.FAMILY_NAMES == tuple(unet.FAMILIES)
+
+
+# ------------------------------------------------------------------------------ CLI end to end
+
+
+def _run(module, *args):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import train_helpers  # pylint: disable=g-import-not-at-top
+  return subprocess.run([sys.executable, '-m', module, *args], cwd=train_helpers.ROOT,
+                        env=train_helpers.subprocess_env(), capture_output=True, text=True,
+                        timeout=600)
+
+
+def _write_pngs(root, n, size, seed, smooth):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  os.makedirs(root, exist_ok=True)
+  yy, xx = np.mgrid[0:size, 0:size] / (size - 1)
+  for i in range(n):
+    if smooth:
+      a = rng.uniform(0, 1, (3, 3))
+      img = np.stack([a[c, 0] + a[c, 1] * xx + a[c, 2] * yy for c in range(3)], -1) / 2.5
+    else:
+      img = rng.uniform(0, 1, (size, size, 3))
+    Image.fromarray(np.uint8(np.clip(img, 0, 1) * 255)).save(os.path.join(root, f'{i:03d}.png'))
+
+
+def test_cli_convert_evaluate_score_a_diffusers_snapshot(tmp_path):
+  """convert --diffusers (and its refusal), --mode=evaluate with folder sets (DiffPath resizing
+  through the coarsest set, 16 px), --mode=score: the usual workdir outputs."""
+  bad = _snapshot_copy(tmp_path)
+  _edit(bad / 'unet' / 'config.json', up_block_types=['UpBlock2D', 'KUpBlock2D', 'UpBlock2D'])
+  proc = _run('ddm_ood.convert', f'--diffusers={bad}', f'--workdir={tmp_path / "bad_wd"}')
+  assert proc.returncode == 1 and "up_block_types[1]='KUpBlock2D'" in proc.stderr
+  assert 'Traceback' not in proc.stderr and not (tmp_path / 'bad_wd').exists()
+
+  wd = str(tmp_path / 'wd')
+  proc = _run('ddm_ood.convert', f'--diffusers={DDPM}', f'--workdir={wd}')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'diffusers_unet2d, 1,113,955 parameters' in proc.stdout
+  ind, ood = tmp_path / 'id', tmp_path / 'ood'
+  _write_pngs(ind / 'train', 12, 32, 0, True)
+  _write_pngs(ind / 'test', 6, 32, 1, True)
+  _write_pngs(ood, 6, 16, 2, False)
+  proc = _run('ddm_ood.main', f'--config=configs/workdir.py:{wd}', f'--workdir={wd}',
+              '--mode=evaluate', '--config.data.resize_via=-1', '--config.scorer.mode=ddim',
+              '--config.scorer.num_steps=2', '--config.scorer.batch_size=6',
+              f'--config.eval.id_datasets=("folder:{ind}",)',
+              f'--config.eval.ood_datasets=("folder:{ood}",)',
+              '--config.eval.feature_kinds=("diffpath_6d",)', '--config.eval.num_fit=12',
+              '--config.eval.num_test=6', '--config.eval.num_examples_plot=2',
+              '--config.detector.n_components=(1,)', '--config.detector.covariance_types=("diag",)',
+              '--config.detector.cv_folds=2')
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  res = json.load(open(os.path.join(wd, 'eval', 'results.json')))
+  assert res['timesteps'] == [0, 500]
+  assert {(r['kind'], r['n_id'], r['n_ood']) for r in res['rows']} == {('diffpath_6d', 6, 6)}
+  feature_files = [f for _, _, fs in os.walk(os.path.join(wd, 'features')) for f in fs]
+  assert feature_files
+  out = tmp_path / 'scores.csv'
+  proc = _run('ddm_ood.main', '--mode=score', f'--workdir={wd}', f'--images=folder:{ood}',
+              f'--out={out}')
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  rows = list(__import__('csv').DictReader(open(out)))
+  assert len(rows) == 6 and all(np.isfinite(float(r['score'])) for r in rows)

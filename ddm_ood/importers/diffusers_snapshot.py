@@ -94,17 +94,17 @@ def snapshot_files(snapshot_dir: str) -> tuple[str, str, str]:
   return config, scheduler, found[0]
 
 
-def model_fields(unet_config: dict, where: str) -> dict[str, Any]:
+def model_fields(unet_dict: dict, where: str) -> dict[str, Any]:
   """``config.model.diffusers_unet2d`` from a ``UNet2DModel`` config.json (null -> 0 / '')."""
   schema = default_config.get_config().model.diffusers_unet2d.to_dict()
-  cls = unet_config.get('_class_name', 'UNet2DModel')
+  cls = unet_dict.get('_class_name', 'UNet2DModel')
   if cls != 'UNet2DModel':
     raise ValueError(f"{where}: _class_name is {cls!r}; ddm_ood reads UNet2DModel (family "
                      "'diffusers_unet2d') only (a latent or text-conditional UNet is not a "
                      'pixel-space eps network).')
-  unknown = [k for k in unet_config if not k.startswith('_') and k not in schema
+  unknown = [k for k in unet_dict if not k.startswith('_') and k not in schema
              and k not in NULL_ONLY_KEYS]
-  set_labels = [f'{k}={unet_config[k]!r}' for k in NULL_ONLY_KEYS if unet_config.get(k)
+  set_labels = [f'{k}={unet_dict[k]!r}' for k in NULL_ONLY_KEYS if unet_dict.get(k)
                 is not None]
   problems = []
   if unknown:
@@ -114,7 +114,7 @@ def model_fields(unet_config: dict, where: str) -> dict[str, Any]:
                     'labels)')
   fields = {}
   for k, default in schema.items():
-    v = unet_config.get(k, default)
+    v = unet_dict.get(k, default)
     if v is None:
       v = '' if isinstance(default, str) else 0
     if k == 'sample_size' and isinstance(v, (list, tuple)):
@@ -131,25 +131,25 @@ def model_fields(unet_config: dict, where: str) -> dict[str, Any]:
   return fields
 
 
-def diffusion_fields(scheduler_config: dict, where: str) -> tuple[dict[str, Any], str]:
+def diffusion_fields(scheduler_dict: dict, where: str) -> tuple[dict[str, Any], str]:
   """(``config.diffusion`` fields, prediction type) from a scheduler config."""
-  cls = scheduler_config.get('_class_name', 'DDPMScheduler')
+  cls = scheduler_dict.get('_class_name', 'DDPMScheduler')
   problems = []
   if cls not in SCHEDULER_CLASSES:
     problems.append(f'scheduler {cls!r} (supported: {", ".join(SCHEDULER_CLASSES)}; they share '
                     'the beta schedules)')
-  unknown = sorted(k for k in scheduler_config if not k.startswith('_')
+  unknown = sorted(k for k in scheduler_dict if not k.startswith('_')
                    and k not in SCHEDULE_KEYS + SAMPLER_ONLY_KEYS)
   if unknown:
     problems.append(f'unknown option(s) {", ".join(unknown)}')
-  get = lambda k, d: d if scheduler_config.get(k) is None else scheduler_config[k]  # noqa: E731
+  get = lambda k, d: d if scheduler_dict.get(k) is None else scheduler_dict[k]  # noqa: E731
   name = f"diffusers_{get('beta_schedule', 'linear')}"
   if name not in schedule_lib.SCHEDULE_REGISTRY:
     supported = [n[len('diffusers_'):] for n in schedule_lib.SCHEDULES if
                  n.startswith('diffusers_')]
     problems.append(f"beta_schedule={get('beta_schedule', 'linear')!r} (supported: "
                     f'{", ".join(supported)})')
-  if scheduler_config.get('trained_betas') is not None:
+  if scheduler_dict.get('trained_betas') is not None:
     problems.append('trained_betas (an explicit beta list)')
   if get('rescale_betas_zero_snr', False):
     problems.append('rescale_betas_zero_snr=True (alphas_cumprod[T-1] = 0: eps is undefined '
