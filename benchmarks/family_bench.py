@@ -8,10 +8,10 @@
   python benchmarks/family_bench.py --guided_dir=... --num_channels=32 --batch=2 --num_steps=2
 
 One JSON line. The network is ``configs/guided_256_uncond.py`` (``--num_channels`` reduces the
-width for smoke tests), with random non-zero weights: drawn in numpy (``--skip_torch``), or made
-in guided-diffusion's own ``UNetModel`` (``--guided_dir``, imported, never copied; torch needed,
-diffusers not) by ``scripts/make_family_fixtures.py``'s ``reinit_`` and converted with ddm_ood's
-importer, so both sides compute the same function (``max_abs_eps_diff`` at t = 500; float32 on
+width for smoke tests), with random non-zero weights: drawn in numpy (``--skip_torch``), or drawn
+on the device in guided-diffusion's own ``UNetModel`` (``--guided_dir``, imported, never copied;
+torch needed, diffusers not) and converted with ddm_ood's importer, so both sides compute the
+same function (``max_abs_eps_diff`` at t = 500; float32 on
 CPU, each side's 16-bit type on an accelerator, so there it is a precision figure, not a bug).
 
 Timed, interleaved for ``--rounds`` rounds after a warm-up (medians reported):
@@ -73,22 +73,39 @@ def images(n: int, size: int) -> np.ndarray:
   return np.clip(np.stack(out), -1, 1).astype(np.float32)
 
 
-def torch_model(args, config):
-  """guided-diffusion's UNetModel with the config's flags, re-initialised as the fixtures are."""
+def torch_model(args, config, dev):
+  """guided-diffusion's UNetModel with the config's flags on ``dev``, random non-zero weights.
+
+  Built on the meta device and initialised on ``dev`` (seconds for 552M parameters on a GPU):
+  weights N(0, 1 / fan_in) (the residual branches' zero-initialised output convs at half that),
+  GroupNorm scales 1 + N(0, 0.2^2), biases N(0, 0.1^2).
+  """
   import torch as th  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, os.path.abspath(args.guided_dir))
-  sys.path.insert(0, os.path.join(ROOT, 'scripts'))
-  from guided_diffusion.unet import UNetModel  # pylint: disable=g-import-not-at-top
-  import make_family_fixtures  # pylint: disable=g-import-not-at-top
+  from guided_diffusion import unet as guided_unet  # pylint: disable=g-import-not-at-top
   m, size = config.model, config.data.image_size
-  model = UNetModel(image_size=size, in_channels=3, model_channels=m.ch, out_channels=6,
-                    num_res_blocks=m.num_res_blocks,
-                    attention_resolutions=tuple(size // r for r in m.attn_resolutions),
-                    dropout=0.0, channel_mult=tuple(m.ch_mult), num_heads=m.num_heads,
-                    num_head_channels=m.num_head_channels or -1, use_scale_shift_norm=True,
-                    resblock_updown=m.resblock_updown,
-                    use_new_attention_order=m.use_new_attention_order)
-  make_family_fixtures.reinit_(model, 0)
+  with th.device('meta'):
+    model = guided_unet.UNetModel(
+        image_size=size, in_channels=3, model_channels=m.ch, out_channels=6,
+        num_res_blocks=m.num_res_blocks,
+        attention_resolutions=tuple(size // r for r in m.attn_resolutions), dropout=0.0,
+        channel_mult=tuple(m.ch_mult), num_heads=m.num_heads,
+        num_head_channels=m.num_head_channels or -1, use_scale_shift_norm=True,
+        resblock_updown=m.resblock_updown, use_new_attention_order=m.use_new_attention_order)
+  model = model.to_empty(device=dev)
+  gen = th.Generator(device=dev).manual_seed(0)
+  with th.no_grad():
+    for name, p in model.named_parameters():
+      z = th.randn(p.shape, generator=gen, device=dev)
+      is_norm = 'norm' in name.split('.')[-2] or name.startswith('out.0') or name.endswith(
+          ('in_layers.0.weight', 'out_layers.0.weight'))
+      if is_norm and name.endswith('weight'):
+        p.copy_(1 + 0.2 * z)
+      elif p.ndim > 1:
+        half = name.endswith(('out_layers.3.weight', 'proj_out.weight'))
+        p.copy_(z * (0.5 if half else 1.0) / float(np.prod(p.shape[1:])) ** 0.5)
+      else:
+        p.copy_(0.1 * z)
   return model.eval()
 
 
@@ -143,8 +160,9 @@ def main(argv=None) -> None:
     tmodel = None
   else:
     import torch as th  # pylint: disable=g-import-not-at-top
-    tmodel = torch_model(args, config)
-    state_dict = {k: v.numpy() for k, v in tmodel.state_dict().items()}
+    dev = th.device('cuda' if th.cuda.is_available() else 'cpu')
+    tmodel = torch_model(args, config, dev)
+    state_dict = {k: v.cpu().numpy() for k, v in tmodel.state_dict().items()}
     params = adm_params.convert_state_dict(state_dict, model, size,
                                            bool(config.model.use_new_attention_order))
     del state_dict
@@ -202,11 +220,10 @@ def torch_side(args, config, tmodel, x, report, eps_jax) -> dict:
   import torch as th  # pylint: disable=g-import-not-at-top
   from guided_diffusion import gaussian_diffusion as gd  # pylint: disable=g-import-not-at-top
   from guided_diffusion import respace  # pylint: disable=g-import-not-at-top
-  cuda = th.cuda.is_available()
-  dev = th.device('cuda' if cuda else 'cpu')
+  dev = next(tmodel.parameters()).device
+  cuda = dev.type == 'cuda'
   if not cuda:
     th.set_num_threads(os.cpu_count() or 1)
-  tmodel = tmodel.to(dev)
   if cuda:
     tmodel.convert_to_fp16()   # guided-diffusion's use_fp16: the torso in float16
   xt = th.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(dev)
