@@ -48,7 +48,7 @@ def unet_state_bytes(image_size: int, channels: int, ch: int, ch_mult: Sequence[
   sizes = [image_size // 2 ** level for level in range(len(ch_mult))]
   widths = [int(ch * m) for m in ch_mult]
   # Skip tensors the decoder consumes: conv_in, every down block, every downsample.
-  skips = [(sizes[0], ch)]
+  skips = [(sizes[0], widths[0])]
   for level, (s, w) in enumerate(zip(sizes, widths)):
     skips += [(s, w)] * num_res_blocks
     if level != len(ch_mult) - 1:

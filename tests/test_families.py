@@ -194,8 +194,8 @@ def test_prediction_types_convert_to_eps(prediction):
   wrapped = unet.build_model(config)
   params = unet.init_params(base, jax.random.key(0), 8)
   params = jax.tree.map(lambda p: p + 0.1, params)
-  assert jax.tree.structure(unet.init_params(wrapped, jax.random.key(0), 8)) == \
-      jax.tree.structure(params)
+  shapes = jax.eval_shape(lambda k: unet.init_params(wrapped, k, 8), jax.random.key(0))
+  assert jax.tree.structure(shapes) == jax.tree.structure(params)
   x = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
   t = jnp.array([3, 700])
   out, eps = jax.jit(base.apply)(params, x, t), jax.jit(wrapped.apply)(params, x, t)
@@ -245,6 +245,20 @@ def test_unsupported_snapshot_is_refused_and_writes_nothing(tmp_path, file, chan
     convert.convert('diffusers', str(snap), None, str(workdir))
   print(e.value)
   assert not workdir.exists()
+
+
+def test_config_keeps_the_evaluation_settings_of_a_base_config():
+  """--config with --diffusers: its evaluation settings stay, its network and schedule do not."""
+  from configs import diffpath_celeba  # pylint: disable=g-import-not-at-top
+  base = diffpath_celeba.get_config()
+  config = diffusers_snapshot.snapshot_config(DDPM, base)
+  assert config.eval.to_dict() == base.eval.to_dict()
+  assert config.scorer.to_dict() == base.scorer.to_dict()
+  assert config.model.compute_dtype == base.model.compute_dtype == 'float32'
+  assert config.model.family == 'diffusers_unet2d' and config.model.learn_sigma is False
+  assert config.model.diffusers_unet2d.block_out_channels == (32, 64, 64)
+  assert (config.diffusion.schedule, config.diffusion.num_timesteps) == ('diffusers_linear', 1000)
+  assert base.model.family == 'adm' and base.diffusion.schedule == 'cosine'  # not modified
 
 
 def test_deprecated_attention_names_load(tmp_path):
