@@ -51,7 +51,7 @@ def main():
 
   from ddm_ood import memory
   from ddm_ood import scorer as scorer_lib
-  from ddm_ood.schedule import make_schedule
+  from ddm_ood.schedule import schedule_for
   from ddm_ood.unet import build_model, init_params, param_count
   report = {'backend': jax.default_backend(), 'jax': jax.__version__, 'K': args.num_steps,
             'compute_dtype': args.compute_dtype, 'safety_factor': memory.SAFETY_FACTOR,
@@ -67,7 +67,7 @@ def main():
     size, ch = cfg.data.image_size, cfg.data.channels
     params = jax.eval_shape(lambda k: init_params(model, k, size), jax.random.key(0))
     n_params = param_count(params)
-    schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps)
+    schedule = schedule_for(cfg.diffusion)
     dtype_bytes = jnp.dtype(model.dtype).itemsize
     state = memory.unet_state_bytes(size, ch, cfg.model.ch, tuple(cfg.model.ch_mult),
                                     cfg.model.num_res_blocks, tuple(cfg.model.attn_resolutions),

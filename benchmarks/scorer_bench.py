@@ -52,13 +52,13 @@ def load_config(path):
 
 def forward_scorer_setup(config_path, num_steps):
   """Config, UNet, random non-zero params, schedule and a forward K-step scorer config."""
-  from ddm_ood.schedule import make_schedule
+  from ddm_ood.schedule import schedule_for
   from ddm_ood.unet import build_model
   from tests.train_helpers import random_params
   cfg = load_config(config_path)
   model = build_model(cfg)
   params = random_params(model, cfg.data.image_size)
-  schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps)
+  schedule = schedule_for(cfg.diffusion)
   scfg = cfg.scorer
   scfg.mode, scfg.num_steps, scfg.num_draws, scfg.chunk = 'forward', num_steps, 1, 0
   scfg.t_min = 0   # the whole grid: K network evaluations per image

@@ -91,7 +91,7 @@ def train_setup(config):
   tc = config.train
   mesh = sharding.data_mesh()
   model = unet.build_model(config)
-  sched = schedule_lib.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+  sched = schedule_lib.schedule_for(config.diffusion)
   optimizer = train.make_optimizer(tc)
   state = jax.jit(lambda: train.create_train_state(model, optimizer, config.data.image_size,
                                                    config.seed),

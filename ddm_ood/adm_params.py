@@ -1,15 +1,20 @@
-"""improved-diffusion (ADM) `UNetModel` state dict -> ddm_ood `UNet` params: names and layouts.
+"""improved-diffusion / guided-diffusion (ADM) `UNetModel` state dict -> ddm_ood `UNet` params.
 
 Tensor layouts: Conv2d ``[O, I, kh, kw]`` -> flax ``[kh, kw, I, O]``; Linear ``[O, I]`` and the
-attention's 1x1 Conv1d ``[O, I, 1]`` -> Dense ``[I, O]``; GroupNorm weight -> scale. The attention's
-qkv conv is laid out per head (``[q_h, k_h, v_h]`` blocks for each head h); ddm_ood's qkv Dense is
-``[q (all heads), k, v]``, so its columns are permuted with ``model.num_heads``.
+attention's 1x1 Conv1d ``[O, I, 1]`` -> Dense ``[I, O]``; GroupNorm weight -> scale. The legacy
+attention's qkv conv is laid out per head (``[q_h, k_h, v_h]`` blocks for each head h); ddm_ood's
+qkv Dense is ``[q (all heads), k, v]`` (guided-diffusion's ``use_new_attention_order``), so legacy
+columns are permuted with the block's head count (``model.num_heads``, or width //
+``model.num_head_channels``). With ``model.resblock_updown`` the down/upsampling layers are
+residual blocks (``input_blocks.k.0.in_layers...`` instead of ``.op``).
 
-What the weights cannot tell, and the config must get right: ``model.num_heads``,
-``model.num_groups``, ``model.norm_eps``, ``model.rescale_timesteps``,
-``model.downsample_padding`` and the diffusion schedule. Everything else (widths, depths,
-attention placement, learn_sigma, channels) is checked against the state dict; any mismatch is one
-ValueError that names the keys and the config field that most likely differs.
+What the weights cannot tell, and the config must get right: ``model.num_heads`` /
+``model.num_head_channels``, ``model.use_new_attention_order``, ``model.num_groups``,
+``model.norm_eps``, ``model.rescale_timesteps``, ``model.downsample_padding`` and the diffusion
+schedule. Everything else (widths, depths, attention placement, learn_sigma, channels,
+resblock_updown) is checked against the state dict; any mismatch is one ValueError that names the
+keys and the config field that most likely differs. Class-conditional checkpoints
+(``label_emb.weight``) are refused: ddm_ood scores without labels.
 """
 
 from __future__ import annotations
@@ -43,7 +48,11 @@ def _module_pairs(flax_params: dict, num_res_blocks: int,
         yield f'input_blocks.{k}.1', f'down_{level}_attn_{i}', 'attn'
       k += 1
     if level != num_levels - 1:
-      yield f'input_blocks.{k}.0.op', f'down_{level}_downsample', 'conv'
+      name = f'down_{level}_downsample'
+      if 'conv1' in flax_params[name]:   # resblock_updown
+        yield f'input_blocks.{k}.0', name, 'res'
+      else:
+        yield f'input_blocks.{k}.0.op', name, 'conv'
       k += 1
   for j, (name, kind) in enumerate((('mid_res_0', 'res'), ('mid_attn', 'attn'),
                                     ('mid_res_1', 'res'))):
@@ -57,7 +66,11 @@ def _module_pairs(flax_params: dict, num_res_blocks: int,
         yield f'output_blocks.{k}.1', f'up_{level}_attn_{i}', 'attn'
         j = 2
       if level and i == num_res_blocks:
-        yield f'output_blocks.{k}.{j}.conv', f'up_{level}_upsample', 'conv'
+        name = f'up_{level}_upsample'
+        if 'conv1' in flax_params[name]:   # resblock_updown
+          yield f'output_blocks.{k}.{j}', name, 'res'
+        else:
+          yield f'output_blocks.{k}.{j}.conv', name, 'conv'
       k += 1
   yield 'out.0', 'norm_out', 'norm'
   yield 'out.2', 'conv_out', 'conv'
@@ -109,12 +122,12 @@ def _torch_shape(kind: str, leaf: str, flax_shape: tuple[int, ...]) -> tuple[int
   return (flax_shape[1], flax_shape[0], 1)  # qkv / proj: Conv1d with kernel size 1
 
 
-def _to_flax(kind: str, leaf: str, w: np.ndarray, num_heads: int) -> np.ndarray:
-  """One tensor from PyTorch's layout to flax's."""
-  if kind == 'qkv':  # per-head [q_h, k_h, v_h] output blocks -> [q, k, v] with heads inside
+def _to_flax(kind: str, leaf: str, w: np.ndarray, heads: int) -> np.ndarray:
+  """One tensor from PyTorch's layout to flax's; ``heads`` > 0 permutes a legacy qkv."""
+  if kind == 'qkv' and heads:  # per-head [q_h, k_h, v_h] output blocks -> [q, k, v], heads inside
     c3 = w.shape[0]
-    dh = c3 // (3 * num_heads)
-    w = w.reshape(num_heads, 3, dh, *w.shape[1:]).swapaxes(0, 1).reshape(w.shape)
+    dh = c3 // (3 * heads)
+    w = w.reshape(heads, 3, dh, *w.shape[1:]).swapaxes(0, 1).reshape(w.shape)
   if leaf != 'kernel':
     return w
   if kind == 'conv':
@@ -128,30 +141,40 @@ def _to_flax(kind: str, leaf: str, w: np.ndarray, num_heads: int) -> np.ndarray:
 
 
 def infer_flags(state_dict: dict[str, np.ndarray], image_size: int) -> dict[str, Any]:
-  """Best-effort model flags of an improved-diffusion state dict (for error messages).
+  """Best-effort model flags of an improved/guided-diffusion state dict (for error messages).
 
   Returns:
     Some of ``{'model.ch', 'model.ch_mult', 'model.num_res_blocks', 'model.attn_resolutions',
-    'model.learn_sigma', 'data.channels'}`` (a field is left out when it cannot be read).
+    'model.learn_sigma', 'model.resblock_updown', 'data.channels'}`` (a field is left out when it
+    cannot be read).
   """
   sd = state_dict
   out: dict[str, Any] = {}
   w_in = sd.get('input_blocks.0.0.weight')
   if w_in is None or w_in.ndim != 4:
     return out
-  ch, in_ch = int(w_in.shape[0]), int(w_in.shape[1])
-  out['model.ch'] = ch
+  in_ch = int(w_in.shape[1])
   out['data.channels'] = in_ch
   w_out = sd.get('out.2.weight')
   if w_out is not None and w_out.ndim == 4 and w_out.shape[0] in (in_ch, 2 * in_ch):
     out['model.learn_sigma'] = bool(w_out.shape[0] == 2 * in_ch)
+  w_emb = sd.get('time_embed.0.weight')
+  if w_emb is None or w_emb.ndim != 2:
+    return out
+  ch = int(w_emb.shape[1])  # the timestep embedding has model_channels inputs
+  out['model.ch'] = ch
   blocks = sorted({int(m.group(1)) for k in sd
                    for m in [re.match(r'input_blocks\.(\d+)\.', k)] if m})
   if not blocks or blocks != list(range(len(blocks))):
     return out
+  # resblock_updown: the upsampling layer of an output block is a residual block (index 1 or 2);
+  # the first one ends the deepest level, so its index is num_res_blocks.
+  ups = sorted(int(m.group(1)) for key in sd
+               for m in [re.match(r'output_blocks\.(\d+)\.[12]\.in_layers\.0\.weight', key)] if m)
+  out['model.resblock_updown'] = bool(ups)
   levels: list[list[int]] = [[]]
   for k in blocks[1:]:
-    if f'input_blocks.{k}.0.op.weight' in sd:
+    if f'input_blocks.{k}.0.op.weight' in sd or (ups and k % (ups[0] + 1) == 0):
       levels.append([])
     else:
       levels[-1].append(k)
@@ -161,10 +184,10 @@ def infer_flags(state_dict: dict[str, np.ndarray], image_size: int) -> dict[str,
   mult, attn = [], []
   for ds_log2, level in enumerate(levels):
     w = sd.get(f'input_blocks.{level[0]}.0.in_layers.2.weight') if level else None
-    if w is None or w.shape[0] % ch:
+    if w is None:
       mult = None
       break
-    mult.append(int(w.shape[0]) // ch)
+    mult.append(_mult(int(w.shape[0]), ch))
     if any(f'input_blocks.{k}.1.qkv.weight' in sd for k in level):
       attn.append(image_size // 2 ** ds_log2)
   if mult is not None:
@@ -173,11 +196,15 @@ def infer_flags(state_dict: dict[str, np.ndarray], image_size: int) -> dict[str,
   return out
 
 
+def _mult(width: int, ch: int) -> float | int:
+  return width // ch if width % ch == 0 else width / ch
+
+
 def _model_flags(model: unet_lib.UNet, image_size: int) -> dict[str, Any]:
   sizes = [image_size // 2 ** level for level in range(len(model.ch_mult))]
   return {'model.ch': model.ch, 'data.channels': model.channels,
           'model.learn_sigma': model.learn_sigma, 'model.num_res_blocks': model.num_res_blocks,
-          'model.ch_mult': tuple(model.ch_mult),
+          'model.ch_mult': tuple(model.ch_mult), 'model.resblock_updown': model.resblock_updown,
           'model.attn_resolutions': tuple(s for s in sizes if s in model.attn_resolutions)}
 
 
@@ -187,7 +214,8 @@ def _key_hints(missing, unexpected, misshaped) -> list[str]:
   hints = []
   if any(k.startswith('label_emb') for k in unexpected):
     hints.append('the checkpoint is class-conditional (label_emb.*), which ddm_ood does not '
-                 'support')
+                 'support: it scores without labels; use the unconditional model of the same '
+                 'family (e.g. guided-diffusion 256x256_diffusion_uncond.pt)')
   if any(re.search(r'\.(qkv|proj_out)\.|\.1\.norm\.', k) for k in keys):
     hints.append('model.attn_resolutions (attention blocks differ)')
   if any(re.match(r'(input|output)_blocks\.\d+\.', k) for k in keys):
@@ -250,7 +278,8 @@ def _mismatch_error(state_dict, model, image_size, expected, missing, unexpected
 
 def _fmt(v: Any) -> str:
   if isinstance(v, (list, tuple)):
-    return '(' + ', '.join(str(int(x)) for x in v) + (',)' if len(v) == 1 else ')')
+    items = [str(int(x)) if float(x).is_integer() else str(float(x)) for x in v]
+    return '(' + ', '.join(items) + (',)' if len(v) == 1 else ')')
   return str(v)
 
 
@@ -258,13 +287,14 @@ def _fmt(v: Any) -> str:
 
 
 def convert_state_dict(state_dict: dict[str, np.ndarray], model: unet_lib.UNet,
-                       image_size: int) -> dict:
-  """Converts an improved-diffusion ``UNetModel`` state dict to flax variables of ``model``.
+                       image_size: int, new_attention_order: bool = False) -> dict:
+  """Converts an improved/guided-diffusion ``UNetModel`` state dict to flax variables of ``model``.
 
   Args:
-    state_dict: ``{torch name: array}`` (`load_state_dict`).
+    state_dict: ``{torch name: array}`` (`load_state_dict`; float16 tensors are read as float32).
     model: the `unet.UNet` (`unet.build_model(config)`) the weights are for.
     image_size: ``config.data.image_size`` (decides where attention blocks are).
+    new_attention_order: ``model.use_new_attention_order`` (the qkv layout of the checkpoint).
 
   Returns:
     ``{'params': ...}`` with float32 numpy leaves, shaped exactly like ``model.init``'s.
@@ -291,7 +321,12 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], model: unet_lib.UNet,
                           misshaped)
   params: dict = {}
   for name, (path, kind, leaf) in mapping.items():
-    w = _to_flax(kind, leaf, np.asarray(state_dict[name], np.float32), model.num_heads)
+    w = np.asarray(state_dict[name], np.float32)
+    heads = 0
+    if kind == 'qkv' and not new_attention_order:
+      width = w.shape[0] // 3
+      heads = width // model.num_head_channels if model.num_head_channels else model.num_heads
+    w = _to_flax(kind, leaf, w, heads)
     node = params
     for p in path:
       node = node.setdefault(p, {})

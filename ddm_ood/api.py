@@ -160,7 +160,7 @@ def load_anomaly_scorer(workdir: str, id_dataset: str | None = None,
   provenance.check(fitted.info.get('provenance') or provenance.legacy_record(workdir), current,
                    f'The detector of --id_dataset={id_dataset} --kind={kind} ({path})', workdir)
   model = unet.build_model(config)
-  sched = schedule_lib.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+  sched = schedule_lib.schedule_for(config.diffusion)
   setting = fitted.info.get('setting') if fitted.reducer is not None else None
   det_params = fitted.params if fitted.reducer is None else (fitted.reducer, fitted.params)
   return AnomalyScorer(config=config, kind=kind, id_dataset=id_dataset, step=step,
@@ -226,7 +226,7 @@ def load_feature_fn(workdir: str, kinds=('stein_ssim',)) -> Callable:
   scorer.check_scorer_config(config.scorer, tuple(kinds))
   params, _ = checkpoint.restore_ema_params(workdir, config)
   model = unet.build_model(config)
-  sched = schedule_lib.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+  sched = schedule_lib.schedule_for(config.diffusion)
   score_fn = scorer.make_trajectory_scorer(model.apply, sched, config.scorer, tuple(kinds))
   return jax.tree_util.Partial(functools.partial(_features, score_fn), params,
                                workdir_lib.scorer_key(config.seed))
@@ -332,6 +332,6 @@ def anomaly_map_fn(workdir: str, timestep_weights=None, kind: str = 'stein_ssim'
                                                          int(config.scorer.num_steps))
   params, _ = checkpoint.restore_ema_params(workdir, config)
   model = unet.build_model(config)
-  sched = schedule_lib.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+  sched = schedule_lib.schedule_for(config.diffusion)
   return build_anomaly_map_fn(config, lambda p, x, t: model.apply(p, x, t), sched, params,
                               workdir_lib.scorer_key(config.seed), timestep_weights, kind, output)

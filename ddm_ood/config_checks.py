@@ -47,14 +47,26 @@ def validate_config(config: ml_collections.ConfigDict, mode: str = 'all') -> Non
     WorkdirError: the first problem found, naming the field and what to do.
   """
   from ddm_ood import kinds  # pylint: disable=g-import-not-at-top
+  from ddm_ood import schedule  # pylint: disable=g-import-not-at-top
+  from ddm_ood import unet  # pylint: disable=g-import-not-at-top
   d = config.data
   if int(d.image_size) <= 0:
     raise WorkdirError(f'config.data.image_size must be positive, got {d.image_size}.')
   if int(d.channels) not in (1, 3):
     raise WorkdirError(f'config.data.channels must be 1 (gray) or 3 (RGB), got {d.channels}.')
-  if config.diffusion.schedule not in ('cosine', 'linear'):
-    raise WorkdirError(f"Unknown config.diffusion.schedule {config.diffusion.schedule!r}; "
-                       "choose 'cosine' or 'linear'.")
+  if int(settings.section(d, 'data')['resize_via']) < -1:
+    raise WorkdirError(f'config.data.resize_via must be -1 (auto), 0 (off) or a size, got '
+                       f'{d.resize_via}.')
+  m = settings.section(config.model, 'model')
+  if m['family'] not in unet.FAMILY_NAMES:
+    raise WorkdirError(f"Unknown config.model.family {m['family']!r}; choose one of "
+                       f'{unet.FAMILY_NAMES}.')
+  if m['prediction_type'] not in schedule.PREDICTION_TYPES:
+    raise WorkdirError(f"Unknown config.model.prediction_type {m['prediction_type']!r}; choose "
+                       f'one of {schedule.PREDICTION_TYPES}.')
+  if config.diffusion.schedule not in schedule.SCHEDULES:
+    raise WorkdirError(f'Unknown config.diffusion.schedule {config.diffusion.schedule!r}; '
+                       f'choose one of {schedule.SCHEDULES}.')
   if int(config.diffusion.num_timesteps) <= 0:
     raise WorkdirError('config.diffusion.num_timesteps must be positive, got '
                        f'{config.diffusion.num_timesteps}.')

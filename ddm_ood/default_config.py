@@ -28,6 +28,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- model
   config.model = model = ml_collections.ConfigDict()
+  # Network family (ddm_ood/nets: 'adm' = ddm_ood's own UNet, improved/guided-diffusion's
+  # UNetModel; 'diffusers_unet2d' = Hugging Face diffusers' UNet2DModel, read from
+  # model.diffusers_unet2d). The fields from ch to use_new_attention_order are the 'adm' family's.
+  model.family = 'adm'
   model.ch = 32
   model.ch_mult = (1, 2, 2)
   model.num_res_blocks = 1
@@ -40,13 +44,36 @@ def get_config() -> ml_collections.ConfigDict:
   model.learn_sigma = False        # 2 x channels outputs (eps, variance); only eps is used.
   model.downsample_padding = 'same'  # 'same' (flax, pads (0, 1)) or 'symmetric' (PyTorch, (1, 1)).
   model.rescale_timesteps = False  # The network sees t * 1000 / diffusion.num_timesteps.
+  # guided-diffusion (ADM, Dhariwal & Nichol 2021) options; ch_mult may then hold 0.5 (512x512).
+  model.resblock_updown = False    # Residual blocks (avg-pool / nearest) down/upsample.
+  model.num_head_channels = 0      # >0: heads = width // num_head_channels (0 = model.num_heads).
+  model.use_new_attention_order = False  # The checkpoint's qkv layout (import only).
+  model.prediction_type = 'epsilon'  # What the network outputs: 'epsilon', 'v_prediction' or
+                                     # 'sample' (x0); converted to eps with the schedule.
   model.compute_dtype = 'auto'     # Activations: 'auto' (bfloat16 on TPU/GPU, float32 on CPU),
                                    # 'float32' or 'bfloat16'; parameters always float32.
+  # family 'diffusers_unet2d': the fields of diffusers' UNet2DModel config.json, same names, its
+  # defaults (written by `python -m ddm_ood.convert --diffusers=...`; any other key is refused).
+  model.diffusers_unet2d = ml_collections.ConfigDict(dict(
+      sample_size=0, in_channels=3, out_channels=3, center_input_sample=False,
+      time_embedding_type='positional', time_embedding_dim=0, freq_shift=0, flip_sin_to_cos=True,
+      down_block_types=('DownBlock2D', 'AttnDownBlock2D', 'AttnDownBlock2D', 'AttnDownBlock2D'),
+      mid_block_type='UNetMidBlock2D',
+      up_block_types=('AttnUpBlock2D', 'AttnUpBlock2D', 'AttnUpBlock2D', 'UpBlock2D'),
+      block_out_channels=(224, 448, 672, 896), layers_per_block=2, mid_block_scale_factor=1.0,
+      downsample_padding=1, downsample_type='conv', upsample_type='conv', dropout=0.0,
+      act_fn='silu', attention_head_dim=8, norm_num_groups=32, attn_norm_num_groups=0,
+      norm_eps=1e-5, resnet_time_scale_shift='default', add_attention=True,
+      num_train_timesteps=0))
 
   # ---------------------------------------------------------------- diffusion
   config.diffusion = diffusion = ml_collections.ConfigDict()
-  diffusion.schedule = 'cosine'    # 'cosine' (Nichol & Dhariwal) or 'linear' (Ho et al.).
+  diffusion.schedule = 'cosine'    # A name of schedule.SCHEDULE_REGISTRY: 'cosine' (Nichol &
+                                   # Dhariwal), 'linear' (Ho et al.), 'diffusers_linear',
+                                   # 'diffusers_scaled_linear', 'diffusers_squaredcos_cap_v2'.
   diffusion.num_timesteps = 1000
+  diffusion.beta_start = 1e-4      # Linear schedules: first beta ('linear' scales by 1000 / T).
+  diffusion.beta_end = 0.02        # Linear schedules: last beta.
 
   # ---------------------------------------------------------------- training
   config.train = train = ml_collections.ConfigDict()

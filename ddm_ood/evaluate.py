@@ -71,11 +71,11 @@ class FeatureExtractor:
 
   def __post_init__(self):
     self.model = unet.build_model(self.config)
-    self.schedule = schedule_lib.make_schedule(self.config.diffusion.schedule,
-                                               self.config.diffusion.num_timesteps)
+    self.schedule = schedule_lib.schedule_for(self.config.diffusion)
     # The scorer computes the base kinds; fused kinds are composed from them downstream.
     self.kinds = kinds_lib.base_kinds(self.config.eval.feature_kinds)
     self._complexity = jax.jit(complexity.image_complexity)
+    self.data_cfg = data.suite_data_config(self.config)
     n_dev = jax.device_count()
     # Batch a multiple of the device count; chunk (if any) a multiple of it that divides the batch
     # (each device then scores its own rows) and small enough for config.scorer.memory_budget_gb.
@@ -105,8 +105,11 @@ class FeatureExtractor:
                     diffusion=c.diffusion.to_dict(),
                     data={k: c.data[k] for k in ('image_size', 'channels', 'data_dir',
                                                  'texture_crops', 'synthetic_examples')})
-    if settings_lib.section(c.data, 'data')['resize_via']:  # only when set: old caches stay valid
-      settings['data']['resize_via'] = int(c.data.resize_via)
+    if self.data_cfg.resize_via:  # only when set: old caches stay valid
+      settings['data']['resize_via'] = int(self.data_cfg.resize_via)
+    for k in ('beta_start', 'beta_end'):  # likewise for diffusion fields at their defaults
+      if settings['diffusion'].get(k) == settings_lib.section(None, 'diffusion')[k]:
+        settings['diffusion'].pop(k)
     settings['scorer'].pop('batch_size', None)  # results do not depend on it
     settings['scorer'].pop('chunk', None)
     settings['scorer'].pop('memory_budget_gb', None)
@@ -157,7 +160,7 @@ class FeatureExtractor:
 
   def images(self, dataset: str, split: str, num: int) -> np.ndarray:
     """The first ``num`` images of a dataset split, as the features of `features` see them."""
-    return data.load_images(dataset, split, self.config.data, max_examples=num,
+    return data.load_images(dataset, split, self.data_cfg, max_examples=num,
                             seed=self.config.seed)
 
   def synthetic_features(self, dataset: str, start: int, num: int) -> dict[str, np.ndarray]:

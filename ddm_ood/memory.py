@@ -27,24 +27,28 @@ SAFETY_FACTOR = 2.0
 AUTO_BUDGET_FRACTION = 0.75
 
 
-def unet_state_bytes(image_size: int, channels: int, ch: int, ch_mult: Sequence[int],
+def unet_state_bytes(image_size: int, channels: int, ch: int, ch_mult: Sequence[float],
                      num_res_blocks: int, attn_resolutions: Sequence[int], num_heads: int,
-                     dtype_bytes: int = 4) -> int:
+                     dtype_bytes: int = 4, num_head_channels: int = 0) -> int:
   """Estimated peak activation bytes of ONE UNet evaluation in inference (no gradients).
+
+  Every network family maps its config to these fields (`unet.FAMILIES`, ``memory_shape``).
 
   Args:
     image_size: H = W of the input.
     channels: image channels.
-    ch, ch_mult, num_res_blocks, attn_resolutions, num_heads: ``config.model`` fields.
+    ch, ch_mult, num_res_blocks, attn_resolutions, num_heads: the 'adm' ``config.model`` fields
+      (widths ``int(ch * mult)``).
     dtype_bytes: bytes per activation (4 float32, 2 bfloat16).
+    num_head_channels: > 0: an attention block of width w has w // num_head_channels heads.
 
   Returns:
     Bytes, with `SAFETY_FACTOR` applied.
   """
   sizes = [image_size // 2 ** level for level in range(len(ch_mult))]
-  widths = [ch * m for m in ch_mult]
+  widths = [int(ch * m) for m in ch_mult]
   # Skip tensors the decoder consumes: conv_in, every down block, every downsample.
-  skips = [(sizes[0], ch)]
+  skips = [(sizes[0], widths[0])]
   for level, (s, w) in enumerate(zip(sizes, widths)):
     skips += [(s, w)] * num_res_blocks
     if level != len(ch_mult) - 1:
@@ -63,8 +67,9 @@ def unet_state_bytes(image_size: int, channels: int, ch: int, ch_mult: Sequence[
   attn_bytes = 0
   for s, w in zip(sizes, widths):
     if s in tuple(attn_resolutions):
+      heads = w // num_head_channels if num_head_channels > 0 else num_heads
       # q, k, v and the output, plus logits and probabilities [heads, s^2, s^2] in float32.
-      attn_bytes = max(attn_bytes, 4 * s * s * w * dtype_bytes + 2 * num_heads * s ** 4 * 4)
+      attn_bytes = max(attn_bytes, 4 * s * s * w * dtype_bytes + 2 * heads * s ** 4 * 4)
   io = 2 * image_size * image_size * channels
   total = (skip_elems + work + io) * dtype_bytes + attn_bytes
   return int(math.ceil(SAFETY_FACTOR * total))
@@ -165,9 +170,10 @@ def plan_for_config(config, param_count: int, num_devices: int, device=None) -> 
   from ddm_ood import kinds  # pylint: disable=g-import-not-at-top
   from ddm_ood import settings  # pylint: disable=g-import-not-at-top
   from ddm_ood import unet  # pylint: disable=g-import-not-at-top
-  m, sc, size, channels = config.model, config.scorer, config.data.image_size, config.data.channels
+  sc, size, channels = config.scorer, config.data.image_size, config.data.channels
   backend = device.platform if device is not None else 'cpu'
-  dtype = unet.resolve_compute_dtype(settings.section(m, 'model')['compute_dtype'], backend)
+  dtype = unet.resolve_compute_dtype(settings.section(config.model, 'model')['compute_dtype'],
+                                     backend)
   k, r = int(sc.num_steps), int(sc.num_draws)
   # The forward trajectory sends R * K states of an image through the network at once; the DDIM
   # scan one. Each trajectory the kinds read keeps its states.
@@ -175,8 +181,8 @@ def plan_for_config(config, param_count: int, num_devices: int, device=None) -> 
            for p in kinds.get(kind).trajectories_for(sc.mode)}
   states = r * k if 'forward' in paths else 1
   kept = (r * k if 'forward' in paths else 0) + (k if 'ddim' in paths else 0)
-  state = unet_state_bytes(size, channels, m.ch, tuple(m.ch_mult), m.num_res_blocks,
-                           tuple(m.attn_resolutions), m.num_heads, jnp.dtype(dtype).itemsize)
+  state = unet_state_bytes(size, channels, dtype_bytes=jnp.dtype(dtype).itemsize,
+                           **unet.family(config).memory_shape(config))
   fixed = param_count * (4 + jnp.dtype(dtype).itemsize)
   budget = resolve_budget_bytes(float(settings.section(sc, 'scorer')['memory_budget_gb']), device)
   return plan_scorer_batch(state, scorer_image_bytes(size, channels, kept), fixed, budget, states,

@@ -252,7 +252,8 @@ def score_folder(args: ScoreArgs, batch_size: int | None = None) -> dict:
     ``{'scores': {file: score}, 'skipped': {file: reason}, 'threshold': float}``.
   """
   ood, args = load_checked_scorer(args)
-  images, skipped = read_images(args.files, args.config.data, args.skip_bad_files)
+  images, skipped = read_images(args.files, data.suite_data_config(args.config),
+                                args.skip_bad_files)
   good = [f for f in args.files if f not in skipped]
   batch_size = int(batch_size or ood.config.scorer.batch_size)
   logging.info('score: %d files in %s (%d skipped), ID set %s, kind %s, step %d, FPR95 '

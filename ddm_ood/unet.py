@@ -1,8 +1,15 @@
-"""ADM / improved-diffusion style UNet eps-prediction network in flax.linen.
+"""The network families and `build_model`; the ADM (improved/guided-diffusion) UNet in flax.linen.
+
+Every network is built by `build_model(config)`, which picks the family of ``config.model.family``
+from `FAMILIES` (the one place to add a family; `config_checks` derives the allowed values from
+it): 'adm' is `UNet` below (ddm_ood's own, trainable; exactly improved-diffusion's and
+guided-diffusion's ``UNetModel`` with the ADM-compatibility fields), 'diffusers_unet2d' is
+`ddm_ood.diffusers_unet2d.DiffusersUNet2D` (Hugging Face diffusers' ``UNet2DModel``). A network
+that predicts v or x0 (``config.model.prediction_type``) is wrapped so that it returns eps.
 
 Pure-functional use::
 
-  model = UNet(channels=3, ch=128, ch_mult=(1, 2, 2, 2), ...)
+  model = build_model(config)             # or UNet(channels=3, ch=128, ch_mult=(1, 2, 2, 2), ...)
   params = model.init(key, x, t)          # x: [B, H, W, C] float, t: [B] integer timesteps
   eps = model.apply(params, x, t)          # eval mode: deterministic
   eps = model.apply(params, x, t, train=True, rngs={'dropout': key})
@@ -20,8 +27,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from ddm_ood import inputs
+from ddm_ood import diffusers_unet2d
+from ddm_ood import schedule as schedule_lib
 from ddm_ood import settings
+from ddm_ood.layers import check_image_input
+from ddm_ood.layers import COMPUTE_DTYPES  # noqa: F401  (public here too)
+from ddm_ood.layers import GroupNorm
+from ddm_ood.layers import NetworkFamily
+from ddm_ood.layers import resample
+from ddm_ood.layers import resolve_compute_dtype
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
@@ -41,56 +55,24 @@ _zero_init = nn.initializers.zeros
 DOWNSAMPLE_PADDINGS = {'same': 'SAME', 'symmetric': ((1, 1), (1, 1))}
 
 
-class GroupNorm(nn.Module):
-  """GroupNorm over [B, ..., C] with the parameters of ``flax.linen.GroupNorm`` (scale, bias [C]).
-
-  Same result as flax's (float32 statistics, E[x^2] - E[x]^2), but the statistics are per-channel
-  sums over the spatial axes, combined into groups on [B, C], and the normalisation is one
-  ``x * a + d`` with per-(image, channel) a, d: flax reduces the 5-D grouped view
-  [B, H, W, G, C/G] and broadcasts back through it, which took half the CPU time of the UNet
-  forward (issue 12; 35% less CPU time per forward with this form).
-
-  Attributes:
-    num_groups: groups; must divide the channels.
-    epsilon: added to the variance.
-    dtype: output dtype (None: the input's).
-  """
-  num_groups: int = 32
-  epsilon: float = 1e-6
-  dtype: Any = None
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    c, g = x.shape[-1], self.num_groups
-    if c % g:
-      raise ValueError(f'GroupNorm: {c} channels are not divisible by num_groups={g} '
-                       '(config.model.num_groups must divide every width ch * ch_mult).')
-    scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
-    bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
-    xf = x.astype(jnp.float32)
-    axes = tuple(range(1, x.ndim - 1))
-    n = math.prod(x.shape[a] for a in axes) * (c // g)
-    group = lambda v: v.reshape(x.shape[0], g, c // g).sum(-1) / n  # noqa: E731  [B, C] -> [B, G]
-    mean = group(jnp.sum(xf, axes))
-    var = jnp.maximum(group(jnp.sum(xf * xf, axes)) - mean * mean, 0.0)
-    a = jnp.repeat(jax.lax.rsqrt(var + self.epsilon), c // g, axis=-1) * scale   # [B, C]
-    d = bias - jnp.repeat(mean, c // g, axis=-1) * a
-    shape = (x.shape[0],) + (1,) * len(axes) + (c,)
-    return (xf * a.reshape(shape) + d.reshape(shape)).astype(self.dtype or x.dtype)
-
-
 class ResBlock(nn.Module):
-  """GroupNorm-SiLU-conv residual block with a scale-shift timestep modulation."""
+  """GroupNorm-SiLU-conv residual block with a scale-shift timestep modulation.
+
+  ``updown`` 'down' / 'up' resamples after the first GroupNorm-SiLU, on both the branch and the
+  skip (guided-diffusion's ``resblock_updown``).
+  """
   out_ch: int
   dropout: float
   num_groups: int
   norm_eps: float = 1e-6
   dtype: Any = jnp.float32
+  updown: str = ''
 
   @nn.compact
   def __call__(self, x, emb, train: bool):
     h = nn.silu(GroupNorm(self.num_groups, epsilon=self.norm_eps, dtype=self.dtype,
                              name='norm1')(x))
+    h, x = resample(h, self.updown), resample(x, self.updown)
     h = nn.Conv(self.out_ch, (3, 3), dtype=self.dtype, name='conv1')(h)
     scale_shift = nn.Dense(2 * self.out_ch, dtype=self.dtype,
                            name='emb')(nn.silu(emb))[:, None, None, :]
@@ -105,20 +87,32 @@ class ResBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-  """Multi-head self-attention over the spatial positions, residual, zero-initialised output."""
+  """Multi-head self-attention over the spatial positions, residual, zero-initialised output.
+
+  The qkv Dense's columns are [q (all heads), k, v], each head's channels contiguous
+  (guided-diffusion's ``use_new_attention_order``); legacy checkpoints are permuted on import.
+  """
   num_heads: int
   num_groups: int
   norm_eps: float = 1e-6
   dtype: Any = jnp.float32
+  num_head_channels: int = 0  # > 0: heads = width // num_head_channels (num_heads ignored)
 
   @nn.compact
   def __call__(self, x):
     b, h, w, c = x.shape
-    if c % self.num_heads:
-      raise ValueError(f'Attention width {c} is not divisible by num_heads={self.num_heads}.')
+    if self.num_head_channels > 0:
+      if c % self.num_head_channels:
+        raise ValueError(f'Attention width {c} is not divisible by model.num_head_channels='
+                         f'{self.num_head_channels}.')
+      heads = c // self.num_head_channels
+    else:
+      heads = self.num_heads
+    if c % heads:
+      raise ValueError(f'Attention width {c} is not divisible by num_heads={heads}.')
     y = GroupNorm(self.num_groups, epsilon=self.norm_eps, dtype=self.dtype,
                      name='norm')(x).reshape(b, h * w, c)
-    qkv = nn.Dense(3 * c, dtype=self.dtype, name='qkv')(y).reshape(b, h * w, 3, self.num_heads, c // self.num_heads)
+    qkv = nn.Dense(3 * c, dtype=self.dtype, name='qkv')(y).reshape(b, h * w, 3, heads, c // heads)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     y = jax.nn.dot_product_attention(q, k, v).reshape(b, h * w, c)
     y = nn.Dense(c, kernel_init=_zero_init, dtype=self.dtype, name='proj')(y)
@@ -126,12 +120,14 @@ class AttnBlock(nn.Module):
 
 
 class UNet(nn.Module):
-  """eps_theta(x_t, t): the ADM UNet.
+  """eps_theta(x_t, t): the ADM UNet (family 'adm').
 
   Attributes:
     channels: image channels (1 or 3); the output has the same shape as the input.
-    ch: base width.
-    ch_mult: width multiplier per resolution level; len(ch_mult) - 1 downsamplings.
+    ch: base width (improved/guided-diffusion's ``num_channels``).
+    ch_mult: width multiplier per resolution level (widths ``int(ch * mult)``; guided-diffusion's
+      512x512 model starts at 0.5); len(ch_mult) - 1 downsamplings. The input conv has width
+      ``int(ch * ch_mult[0])``.
     num_res_blocks: residual blocks per level.
     attn_resolutions: spatial sizes (height) at which self-attention is applied.
     num_heads: attention heads.
@@ -144,13 +140,17 @@ class UNet(nn.Module):
       (1, 1), as PyTorch's ``padding=1`` in improved-diffusion).
     timestep_scale: the network embeds t * timestep_scale (improved-diffusion's
       ``rescale_timesteps``: 1000 / T); 1.0 embeds the integer timestep as is.
+    resblock_updown: residual blocks with average-pool / nearest resampling replace the
+      downsampling conv and the upsampling conv (guided-diffusion).
+    num_head_channels: > 0: each attention block has width // num_head_channels heads
+      (guided-diffusion); 0: ``num_heads`` heads everywhere.
     dtype: compute dtype of activations (`resolve_compute_dtype`); parameters stay float32,
       GroupNorm statistics are float32 (flax computes them in at least float32) and the output
       is cast to float32.
   """
   channels: int = 3
   ch: int = 128
-  ch_mult: Sequence[int] = (1, 2, 2, 2)
+  ch_mult: Sequence[float] = (1, 2, 2, 2)
   num_res_blocks: int = 3
   attn_resolutions: Sequence[int] = (16, 8)
   num_heads: int = 4
@@ -160,6 +160,8 @@ class UNet(nn.Module):
   learn_sigma: bool = False
   downsample_padding: str = 'same'
   timestep_scale: float = 1.0
+  resblock_updown: bool = False
+  num_head_channels: int = 0
   dtype: Any = jnp.float32
 
   @property
@@ -168,17 +170,8 @@ class UNet(nn.Module):
 
   def check_input(self, x: jax.Array, t: jax.Array) -> None:
     """Raises ValueError with a remedy when x [B, H, W, C] / t [B] do not fit this network."""
-    inputs.image_batch(x, 'UNet')
-    if x.shape[-1] != self.channels:
-      raise ValueError(f'UNet was built for {self.channels} channel(s), got {x.shape[-1]} '
-                       f'(image shape {x.shape}); convert gray <-> RGB first.')
-    f = self.downsample_factor
-    if x.shape[1] % f or x.shape[2] % f:
-      raise ValueError(f'Image size {x.shape[1]}x{x.shape[2]} is not divisible by the '
-                       f'downsampling factor {f} of ch_mult={tuple(self.ch_mult)}; resize the '
-                       'images or change config.model.ch_mult.')
-    if jnp.ndim(t) != 1 or t.shape[0] != x.shape[0]:
-      raise ValueError(f'Timesteps must have shape [B]=[{x.shape[0]}], got {jnp.shape(t)}.')
+    check_image_input(x, t, self.channels, self.downsample_factor,
+                      f'ch_mult={tuple(self.ch_mult)}', 'config.model.ch_mult')
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, train: bool = False) -> jax.Array:
@@ -197,19 +190,24 @@ class UNet(nn.Module):
     res_kw = dict(dropout=self.dropout, num_groups=self.num_groups, norm_eps=self.norm_eps,
                   dtype=self.dtype)
     attn_kw = dict(num_heads=self.num_heads, num_groups=self.num_groups, norm_eps=self.norm_eps,
-                   dtype=self.dtype)
-    h = nn.Conv(self.ch, (3, 3), dtype=self.dtype, name='conv_in')(x)
+                   dtype=self.dtype, num_head_channels=self.num_head_channels)
+    width = lambda mult: int(mult * self.ch)  # noqa: E731  (guided-diffusion's int(mult * ch))
+    h = nn.Conv(width(self.ch_mult[0]), (3, 3), dtype=self.dtype, name='conv_in')(x)
     skips = [h]
     for level, mult in enumerate(self.ch_mult):
       for i in range(self.num_res_blocks):
-        h = ResBlock(self.ch * mult, name=f'down_{level}_res_{i}', **res_kw)(h, emb, train)
+        h = ResBlock(width(mult), name=f'down_{level}_res_{i}', **res_kw)(h, emb, train)
         if h.shape[1] in self.attn_resolutions:
           h = AttnBlock(name=f'down_{level}_attn_{i}', **attn_kw)(h)
         skips.append(h)
       if level != len(self.ch_mult) - 1:
-        h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2),
-                    padding=DOWNSAMPLE_PADDINGS[self.downsample_padding], dtype=self.dtype,
-                    name=f'down_{level}_downsample')(h)
+        if self.resblock_updown:
+          h = ResBlock(h.shape[-1], updown='down', name=f'down_{level}_downsample',
+                       **res_kw)(h, emb, train)
+        else:
+          h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2),
+                      padding=DOWNSAMPLE_PADDINGS[self.downsample_padding], dtype=self.dtype,
+                      name=f'down_{level}_downsample')(h)
         skips.append(h)
 
     h = ResBlock(h.shape[-1], name='mid_res_0', **res_kw)(h, emb, train)
@@ -219,12 +217,16 @@ class UNet(nn.Module):
     for level, mult in reversed(list(enumerate(self.ch_mult))):
       for i in range(self.num_res_blocks + 1):
         h = jnp.concatenate([h, skips.pop()], axis=-1)
-        h = ResBlock(self.ch * mult, name=f'up_{level}_res_{i}', **res_kw)(h, emb, train)
+        h = ResBlock(width(mult), name=f'up_{level}_res_{i}', **res_kw)(h, emb, train)
         if h.shape[1] in self.attn_resolutions:
           h = AttnBlock(name=f'up_{level}_attn_{i}', **attn_kw)(h)
       if level != 0:
-        h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)  # nearest-neighbour x2
-        h = nn.Conv(h.shape[-1], (3, 3), dtype=self.dtype, name=f'up_{level}_upsample')(h)
+        if self.resblock_updown:
+          h = ResBlock(h.shape[-1], updown='up', name=f'up_{level}_upsample',
+                       **res_kw)(h, emb, train)
+        else:
+          h = resample(h, 'up')
+          h = nn.Conv(h.shape[-1], (3, 3), dtype=self.dtype, name=f'up_{level}_upsample')(h)
     assert not skips
 
     h = nn.silu(GroupNorm(self.num_groups, epsilon=self.norm_eps, dtype=self.dtype,
@@ -235,38 +237,107 @@ class UNet(nn.Module):
     return out[..., :self.channels] if self.learn_sigma else out
 
 
-COMPUTE_DTYPES = ('auto', 'float32', 'bfloat16')
+class EpsFromPrediction(nn.Module):
+  """Wraps a network that predicts v or x0 so that it returns eps (``model.prediction_type``).
 
+  The wrapped network keeps its own parameter tree (``nn.share_scope``); the conversion is
+  `schedule.prediction_to_eps` with the run's schedule.
 
-def resolve_compute_dtype(name: str, backend: str) -> Any:
-  """config.model.compute_dtype -> a jnp dtype: 'auto' = bfloat16 on TPU/GPU, float32 on CPU."""
-  if name not in COMPUTE_DTYPES:
-    raise ValueError(f'config.model.compute_dtype={name!r} is not one of {COMPUTE_DTYPES}.')
-  if name == 'auto':
-    name = 'float32' if backend == 'cpu' else 'bfloat16'
-  return jnp.dtype(name)
-
-
-def build_model(config: ml_collections.ConfigDict) -> UNet:
-  """Builds the UNet described by ``config.model`` for ``config.data.channels`` channels.
-
-  ``config.diffusion.num_timesteps`` sets the timestep scale when ``model.rescale_timesteps``;
-  ``model.compute_dtype`` is resolved for the default backend (`resolve_compute_dtype`).
-  Fields missing from an older workdir's config.json take their defaults.
+  Attributes:
+    net: the family's network.
+    prediction_type: 'v_prediction' or 'sample'.
+    diffusion: ``(schedule, num_timesteps, beta_start, beta_end)`` of ``config.diffusion``.
   """
+  net: nn.Module
+  prediction_type: str
+  diffusion: tuple
+
+  def setup(self):
+    nn.share_scope(self, self.net)
+
+  @property
+  def channels(self) -> int:
+    return self.net.channels
+
+  @property
+  def dtype(self) -> Any:
+    return self.net.dtype
+
+  def __call__(self, x: jax.Array, t: jax.Array, train: bool = False) -> jax.Array:
+    """eps [B, H, W, C] of x_t [B, H, W, C] at timesteps t [B]."""
+    name, num_timesteps, beta_start, beta_end = self.diffusion
+    sched = schedule_lib.make_schedule(name, num_timesteps, beta_start=beta_start,
+                                       beta_end=beta_end)
+    out = self.net(x, t, train)
+    return schedule_lib.prediction_to_eps(sched, out, x.astype(jnp.float32), t,
+                                          self.prediction_type)
+
+
+def _build_adm(config: ml_collections.ConfigDict, dtype: Any) -> UNet:
   m = settings.section(config.model, 'model')
-  if config.data.channels not in (1, 3):
-    raise ValueError(f'config.data.channels must be 1 or 3, got {config.data.channels}.')
   scale = 1000.0 / config.diffusion.num_timesteps if m['rescale_timesteps'] else 1.0
   return UNet(channels=config.data.channels, ch=m['ch'], ch_mult=tuple(m['ch_mult']),
               num_res_blocks=m['num_res_blocks'], attn_resolutions=tuple(m['attn_resolutions']),
               num_heads=m['num_heads'], dropout=m['dropout'], num_groups=m['num_groups'],
               norm_eps=m['norm_eps'], learn_sigma=m['learn_sigma'],
               downsample_padding=m['downsample_padding'], timestep_scale=scale,
-              dtype=resolve_compute_dtype(m['compute_dtype'], jax.default_backend()))
+              resblock_updown=bool(m['resblock_updown']),
+              num_head_channels=int(m['num_head_channels']), dtype=dtype)
 
 
-def init_params(model: UNet, key: jax.Array, image_size: int):
+def _adm_memory_shape(config: ml_collections.ConfigDict) -> dict:
+  m = settings.section(config.model, 'model')
+  return dict(ch=m['ch'], ch_mult=tuple(m['ch_mult']), num_res_blocks=m['num_res_blocks'],
+              attn_resolutions=tuple(m['attn_resolutions']), num_heads=m['num_heads'],
+              num_head_channels=int(m['num_head_channels']))
+
+
+# The network families by config.model.family: the one place to add one (a module with a flax
+# network and its NetworkFamily record, plus an importer in ddm_ood/importers for its weights).
+FAMILIES: dict[str, NetworkFamily] = {
+    'adm': NetworkFamily('adm', _build_adm, _adm_memory_shape,
+                         "ddm_ood's UNet = improved-diffusion / guided-diffusion UNetModel"),
+    diffusers_unet2d.FAMILY.name: diffusers_unet2d.FAMILY,
+}
+FAMILY_NAMES = tuple(FAMILIES)
+
+
+def family(config: ml_collections.ConfigDict) -> NetworkFamily:
+  """The `NetworkFamily` of ``config.model.family`` (ValueError naming the choices)."""
+  name = settings.section(config.model, 'model')['family']
+  if name not in FAMILIES:
+    raise ValueError(f'Unknown config.model.family {name!r}; choose one of {FAMILY_NAMES}.')
+  return FAMILIES[name]
+
+
+def build_model(config: ml_collections.ConfigDict) -> nn.Module:
+  """Builds the network of ``config.model`` (its ``family``) for ``config.data.channels`` channels.
+
+  ``config.diffusion.num_timesteps`` sets the ADM timestep scale when ``model.rescale_timesteps``;
+  ``model.compute_dtype`` is resolved for the default backend (`resolve_compute_dtype`); a
+  ``model.prediction_type`` other than 'epsilon' wraps the network in `EpsFromPrediction`.
+  Fields missing from an older workdir's config.json take their defaults.
+
+  Returns:
+    A flax module: ``apply(params, x [B, H, W, C], t [B] int, train=False) -> eps``, with
+    ``channels`` and ``dtype`` attributes.
+  """
+  m = settings.section(config.model, 'model')
+  if config.data.channels not in (1, 3):
+    raise ValueError(f'config.data.channels must be 1 or 3, got {config.data.channels}.')
+  net = family(config).build(config, resolve_compute_dtype(m['compute_dtype'],
+                                                           jax.default_backend()))
+  if m['prediction_type'] != 'epsilon':
+    if m['prediction_type'] not in schedule_lib.PREDICTION_TYPES:
+      raise ValueError(f"Unknown config.model.prediction_type {m['prediction_type']!r}; choose "
+                       f'one of {schedule_lib.PREDICTION_TYPES}.')
+    d = settings.section(config.diffusion, 'diffusion')
+    net = EpsFromPrediction(net, m['prediction_type'], (
+        d['schedule'], int(d['num_timesteps']), float(d['beta_start']), float(d['beta_end'])))
+  return net
+
+
+def init_params(model: nn.Module, key: jax.Array, image_size: int):
   """Initialises parameters for [1, image_size, image_size, channels] inputs."""
   x = jnp.zeros((1, image_size, image_size, model.channels), jnp.float32)
   return model.init(key, x, jnp.zeros((1,), jnp.int32))

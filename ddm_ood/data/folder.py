@@ -74,6 +74,20 @@ def folder_files(path: str, split: str) -> list[str]:
   return [files[i] for i in splits.fixed_permutation(len(files))]
 
 
+def smallest_side(path: str) -> int:
+  """The smallest min(width, height) over the image files under ``path`` (headers only; 0 if
+  none can be read)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  sides = []
+  for f in _image_files(path):
+    try:
+      with Image.open(f) as img:
+        sides.append(min(img.size))
+    except Exception:  # pylint: disable=broad-except  # unreadable files fail when loaded
+      continue
+  return min(sides, default=0)
+
+
 def folder_loader(path: str):
   """The loader ``(split, cfg, max_examples, seed) -> [N, S, S, C]`` of ``folder:path``."""
   def load(split, cfg, max_examples, seed):

@@ -151,6 +151,49 @@ def source_info(name: str) -> str:
   raise _unknown(name)
 
 
+def native_size(name: str) -> int:
+  """The smaller side of the source's own images (0 when it has none: synthetic sources, texture
+  crops, TFDS dtd). A folder's is the smallest over its image files (headers only)."""
+  check_source_name(name)
+  name = parse_class_split(name)[0]   # a class split has its parent's images
+  if name in builtin.SOURCES:
+    return builtin.SOURCES[name].native_size
+  if name.startswith('tfds:'):
+    return tfds_source.TFDS_NATIVE_SIZES.get(name[5:], 0)
+  return folder.smallest_side(name[7:])
+
+
+def resolve_resize_via(data_cfg: ml_collections.ConfigDict, names) -> int:
+  """``config.data.resize_via`` with -1 ('auto') resolved for the sets ``names``.
+
+  DiffPath's "correct resizing" generalised to any model size: when some set is smaller than the
+  model (``image_size``), every set is first resized to the smallest native size among ``names``
+  (`native_size`), then to ``image_size``, so that no set keeps more detail than another (for the
+  ImageNet-64 model and 32x32 sets this is DiffPath's 32 -> 64). 0 when no set is smaller.
+
+  Returns:
+    The size to resize through (0 = none); ``resize_via`` itself when it is not -1.
+  """
+  via = int(settings.section(data_cfg, 'data')['resize_via'])
+  if via != -1:
+    return via
+  sizes = [s for s in (native_size(n) for n in names) if s]
+  smallest = min(sizes, default=0)
+  return smallest if 0 < smallest < int(data_cfg.image_size) else 0
+
+
+def suite_data_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """``config.data`` with ``resize_via`` -1 ('auto') resolved over every set of the suite
+  (``config.eval.id_datasets``, ``ood_datasets`` and the sets of ``near_ood_pairs``): the sets
+  the detectors compare, and the files ``--mode=score`` scores, are resized alike."""
+  ev = settings.section(config.eval, 'eval')
+  names = (tuple(ev['id_datasets']) + tuple(ev['ood_datasets'])
+           + tuple(n for pair in ev['near_ood_pairs'] for n in pair))
+  data_cfg = config.data.copy_and_resolve_references()
+  data_cfg.resize_via = resolve_resize_via(config.data, names)
+  return data_cfg
+
+
 def _source(name: str, process_split: bool) -> Callable[..., np.ndarray]:
   check_source_name(name)
   if name in builtin.SOURCES:
@@ -185,7 +228,8 @@ def load_images(name: str, split: str, data_cfg: ml_collections.ConfigDict, *,
     split: 'train' or 'test'.
     data_cfg: ``config.data`` (uses image_size, channels, data_dir, texture_crops,
       synthetic_examples, resize_via: > 0 resizes every image to resize_via x resize_via
-      first, then to image_size).
+      first, then to image_size; -1 ('auto') must be resolved over the compared sets first
+      (`resolve_resize_via`), here it is resolved for this set alone).
     max_examples: > 0: only the first ``max_examples`` images of the source's fixed order.
     seed: seeds the random texture crops and synthetic controls (natural sources ignore it).
     process_split: TFDS only: read this JAX process's shard (``tfds.split_for_jax_process``)
@@ -209,7 +253,7 @@ def load_images(name: str, split: str, data_cfg: ml_collections.ConfigDict, *,
     raise DataError(f'Source {name!r} split {split!r} produced no images.')
   if x.shape[-1] > channels:
     x = formats.to_channels(x, channels)  # cheaper before resizing
-  via = int(settings.section(data_cfg, 'data')['resize_via'])
+  via = resolve_resize_via(data_cfg, (name,))
   if via:  # DiffPath's "correct resizing": no set keeps more detail than a via x via image
     x = resize.resize_images(x, via)
   x = resize.resize_images(x, size)

@@ -17,6 +17,9 @@ TFDS_NAMES = ('celeb_a', 'cifar10', 'cifar100', 'svhn_cropped', 'dtd', 'mnist', 
 TFDS_DOWNLOAD_ENV = 'DDM_OOD_TFDS_DOWNLOAD'
 
 _CELEBA_CROP = 140
+# The sets' own resolution after the loader's crop (dtd's images vary, all > 256: none).
+TFDS_NATIVE_SIZES = {'celeb_a': _CELEBA_CROP, 'cifar10': 32, 'cifar100': 32, 'svhn_cropped': 32,
+                     'mnist': 28, 'fashion_mnist': 28}
 _TFDS_BATCH = 1024
 
 

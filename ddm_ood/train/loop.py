@@ -110,7 +110,7 @@ def write_samples(config: ml_collections.ConfigDict, model: unet.UNet, ema_param
   tc = config.train
   if int(tc.num_samples) <= 0:
     return None
-  sched = schedule_lib.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+  sched = schedule_lib.schedule_for(config.diffusion)
   shape = (int(tc.num_samples), config.data.image_size, config.data.image_size,
            config.data.channels)
   rep = sharding.replicated_sharding(mesh)
@@ -186,7 +186,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   local_batch = stream_lib.check_batch_size(int(tc.batch_size))
   mesh = sharding.data_mesh()
   model = unet.build_model(config)
-  sched = schedule_lib.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+  sched = schedule_lib.schedule_for(config.diffusion)
   optimizer = step_lib.make_optimizer(tc)
 
   init_fn = functools.partial(step_lib.create_train_state, model, optimizer,
