@@ -54,6 +54,11 @@ def validate_config(config: ml_collections.ConfigDict, mode: str = 'all') -> Non
   if config.diffusion.schedule not in ('cosine', 'linear'):
     raise WorkdirError(f"Unknown config.diffusion.schedule {config.diffusion.schedule!r}; "
                        "choose 'cosine' or 'linear'.")
+  from ddm_ood import network  # pylint: disable=g-import-not-at-top
+  try:
+    network.check_precision(settings.section(config.model, 'model')['precision'])
+  except ValueError as e:
+    raise WorkdirError(f"{e} 'highest' = full float32 matmuls on GPU / TPU.") from e
   if int(config.diffusion.num_timesteps) <= 0:
     raise WorkdirError('config.diffusion.num_timesteps must be positive, got '
                        f'{config.diffusion.num_timesteps}.')

@@ -40,6 +40,9 @@ def get_config() -> ml_collections.ConfigDict:
   model.rescale_timesteps = False  # The network sees t * 1000 / diffusion.num_timesteps.
   model.compute_dtype = 'auto'     # Activations: 'auto' (bfloat16 on TPU/GPU, float32 on CPU),
                                    # 'float32' or 'bfloat16'; parameters always float32.
+  model.precision = 'default'      # Matmul / conv precision of the network (ddm_ood/network.py):
+                                   # 'default' (GPU TF32, TPU bf16 passes), 'high' or 'highest'
+                                   # (full float32; 2-5x slower float32 on accelerators).
 
   # ---------------------------------------------------------------- diffusion
   config.diffusion = diffusion = ml_collections.ConfigDict()

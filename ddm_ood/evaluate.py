@@ -100,6 +100,8 @@ class FeatureExtractor:
     settings['scorer'].pop('memory_budget_gb', None)
     if self.model.dtype != jnp.float32:  # only then, so existing float32 caches stay valid
       settings['compute_dtype'] = jnp.dtype(self.model.dtype).name
+    if self.model.precision != 'default':  # likewise
+      settings['precision'] = self.model.precision
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=list).encode()).hexdigest()
     return os.path.join(self.cache_dir, f'step_{self.step:08d}',
                         f'{safe_name(dataset)}__{split}__n{num}__{digest[:12]}.npz')

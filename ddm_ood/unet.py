@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from ddm_ood import inputs
+from ddm_ood import network
 from ddm_ood import settings
 
 
@@ -247,23 +248,28 @@ def resolve_compute_dtype(name: str, backend: str) -> Any:
   return jnp.dtype(name)
 
 
-def build_model(config: ml_collections.ConfigDict) -> UNet:
+def build_model(config: ml_collections.ConfigDict) -> network.Network:
   """Builds the UNet described by ``config.model`` for ``config.data.channels`` channels.
 
   ``config.diffusion.num_timesteps`` sets the timestep scale when ``model.rescale_timesteps``;
   ``model.compute_dtype`` is resolved for the default backend (`resolve_compute_dtype`).
   Fields missing from an older workdir's config.json take their defaults.
+
+  Returns:
+    The `UNet` wrapped in `network.Network`: ``apply`` / ``init`` at ``model.precision``; every
+    other attribute is the UNet's.
   """
   m = settings.section(config.model, 'model')
   if config.data.channels not in (1, 3):
     raise ValueError(f'config.data.channels must be 1 or 3, got {config.data.channels}.')
   scale = 1000.0 / config.diffusion.num_timesteps if m['rescale_timesteps'] else 1.0
-  return UNet(channels=config.data.channels, ch=m['ch'], ch_mult=tuple(m['ch_mult']),
-              num_res_blocks=m['num_res_blocks'], attn_resolutions=tuple(m['attn_resolutions']),
-              num_heads=m['num_heads'], dropout=m['dropout'], num_groups=m['num_groups'],
-              norm_eps=m['norm_eps'], learn_sigma=m['learn_sigma'],
-              downsample_padding=m['downsample_padding'], timestep_scale=scale,
-              dtype=resolve_compute_dtype(m['compute_dtype'], jax.default_backend()))
+  module = UNet(channels=config.data.channels, ch=m['ch'], ch_mult=tuple(m['ch_mult']),
+                num_res_blocks=m['num_res_blocks'], attn_resolutions=tuple(m['attn_resolutions']),
+                num_heads=m['num_heads'], dropout=m['dropout'], num_groups=m['num_groups'],
+                norm_eps=m['norm_eps'], learn_sigma=m['learn_sigma'],
+                downsample_padding=m['downsample_padding'], timestep_scale=scale,
+                dtype=resolve_compute_dtype(m['compute_dtype'], jax.default_backend()))
+  return network.Network(module, m['precision'])
 
 
 def init_params(model: UNet, key: jax.Array, image_size: int):

@@ -10,7 +10,8 @@ import os
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'ddm_ood')
 # The pure core: functions of arrays and configs; no files, no logging of runs, no CLI.
 CORE = {'schedule', 'unet', 'ssim', 'trajectory', 'kinds', 'settings', 'default_config', 'scorer',
-        'pixel_maps', 'inputs', 'features', 'metrics', 'detector', 'synthetic', 'localisation'}
+        'pixel_maps', 'inputs', 'features', 'metrics', 'detector', 'synthetic', 'localisation',
+        'network', 'flops'}
 
 
 def _modules() -> dict[str, str]:
