@@ -31,6 +31,7 @@ from ddm_ood import data
 from ddm_ood import detector
 from ddm_ood import map_study
 from ddm_ood import memory
+from ddm_ood import metric_writer
 from ddm_ood import metrics
 from ddm_ood import protocol
 from ddm_ood import scorer
@@ -360,11 +361,10 @@ def _take(feats: dict[str, np.ndarray], rows: slice) -> dict[str, np.ndarray]:
 
 
 def _write_tensorboard(results: dict, workdir: str) -> None:
-  """AUROC / FPR95 per pair and method, and the averages, as TensorBoard scalars in the workdir
-  (`clu.metric_writers`, as the training metrics), at the checkpoint's step."""
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top  # imports TensorFlow
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0,
-                                                collection='eval')
+  """AUROC / FPR95 per pair and method, and the averages, as TensorBoard scalars in
+  ``workdir/eval`` (`metric_writer`, as the training metrics), at the checkpoint's step."""
+  writer = metric_writer.MetricWriter(
+      os.path.join(workdir, 'eval') if jax.process_index() == 0 else None, collection='eval')
   scalars = {}
   for r in results['rows']:
     for m in ('auroc', 'fpr95'):

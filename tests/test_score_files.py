@@ -53,9 +53,10 @@ def folder(run, tmp_path_factory):
 
 
 def _main(*args):
+  """``python -m ddm_ood.main *args`` with TensorFlow's import blocked (not needed to score)."""
   cmd = [sys.executable, '-m', 'ddm_ood.main', *args]
-  return subprocess.run(cmd, cwd=h.ROOT, env=h.subprocess_env(), capture_output=True, text=True,
-                        timeout=600)
+  return subprocess.run(cmd, cwd=h.ROOT, env=h.subprocess_env(no_tf_marker=os.devnull),
+                        capture_output=True, text=True, timeout=600)
 
 
 def _read_csv(path):
