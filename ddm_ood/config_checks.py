@@ -55,10 +55,14 @@ def validate_config(config: ml_collections.ConfigDict, mode: str = 'all') -> Non
     raise WorkdirError(f"Unknown config.diffusion.schedule {config.diffusion.schedule!r}; "
                        "choose 'cosine' or 'linear'.")
   from ddm_ood import network  # pylint: disable=g-import-not-at-top
+  m = settings.section(config.model, 'model')
   try:
-    network.check_precision(settings.section(config.model, 'model')['precision'])
+    network.check_precision(m['precision'])
   except ValueError as e:
     raise WorkdirError(f"{e} 'highest' = full float32 matmuls on GPU / TPU.") from e
+  if m['attention'] not in network.ATTENTION:
+    raise WorkdirError(f"config.model.attention={m['attention']!r} is not one of "
+                       f'{network.ATTENTION}.')
   if int(config.diffusion.num_timesteps) <= 0:
     raise WorkdirError('config.diffusion.num_timesteps must be positive, got '
                        f'{config.diffusion.num_timesteps}.')

@@ -43,6 +43,8 @@ def get_config() -> ml_collections.ConfigDict:
   model.precision = 'default'      # Matmul / conv precision of the network (ddm_ood/network.py):
                                    # 'default' (GPU TF32, TPU bf16 passes), 'high' or 'highest'
                                    # (full float32; 2-5x slower float32 on accelerators).
+  model.attention = 'auto'         # 'auto' (cuDNN fused attention on a GPU in bf16 / fp16 where
+                                   # it runs, else XLA's), 'xla' or 'cudnn'.
 
   # ---------------------------------------------------------------- diffusion
   config.diffusion = diffusion = ml_collections.ConfigDict()

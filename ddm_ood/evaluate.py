@@ -103,6 +103,8 @@ class FeatureExtractor:
       settings['compute_dtype'] = jnp.dtype(self.model.dtype).name
     if self.model.precision != 'default':  # likewise
       settings['precision'] = self.model.precision
+    if getattr(self.model, 'attention', 'xla') != 'xla':   # cuDNN's fused attention (GPU)
+      settings['attention'] = self.model.attention
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=list).encode()).hexdigest()
     return os.path.join(self.cache_dir, f'step_{self.step:08d}',
                         f'{safe_name(dataset)}__{split}__n{num}__{digest[:12]}.npz')

@@ -38,6 +38,9 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
                                       'Number of processes (with --coordinator_address).')
 _PROCESS_ID = flags.DEFINE_integer(
     'process_id', None, 'This process, in [0, num_processes) (with --coordinator_address).')
+_COMPILATION_CACHE = flags.DEFINE_string(
+    'compilation_cache', None, "JAX's persistent compilation cache: a folder, or 'off' (default: "
+    '$DDM_OOD_COMPILATION_CACHE, else $XDG_CACHE_HOME/ddm_ood/jax/<host>; ddm_ood/compile_cache.py).')
 flags.mark_flags_as_required(['workdir'])
 
 
@@ -45,6 +48,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   from ddm_ood import workdir as workdir_lib
+  _use_compilation_cache()
   if _MODE.value == 'score':
     return _score()
   given = [f'--{n}' for n in _SCORE_FLAGS if flags.FLAGS[n].present]
@@ -110,6 +114,12 @@ def _score() -> None:
           checkpoint.CheckpointCorruptError, FileNotFoundError) as e:
     _fail(str(e))
   logging.info('Done.')
+
+
+def _use_compilation_cache() -> None:
+  """Every mode compiles through the persistent cache (a second start skips compilation)."""
+  from ddm_ood import compile_cache
+  compile_cache.configure(_COMPILATION_CACHE.value)
 
 
 def _fail(message: str) -> None:

@@ -111,6 +111,7 @@ class AttnBlock(nn.Module):
   num_groups: int
   norm_eps: float = 1e-6
   dtype: Any = jnp.float32
+  attention: str = 'xla'
 
   @nn.compact
   def __call__(self, x):
@@ -121,7 +122,7 @@ class AttnBlock(nn.Module):
                      name='norm')(x).reshape(b, h * w, c)
     qkv = nn.Dense(3 * c, dtype=self.dtype, name='qkv')(y).reshape(b, h * w, 3, self.num_heads, c // self.num_heads)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    y = jax.nn.dot_product_attention(q, k, v).reshape(b, h * w, c)
+    y = network.dot_product_attention(q, k, v, self.attention).reshape(b, h * w, c)
     y = nn.Dense(c, kernel_init=_zero_init, dtype=self.dtype, name='proj')(y)
     return x + y.reshape(b, h, w, c)
 
@@ -148,6 +149,7 @@ class UNet(nn.Module):
     dtype: compute dtype of activations (`resolve_compute_dtype`); parameters stay float32,
       GroupNorm statistics are float32 (flax computes them in at least float32) and the output
       is cast to float32.
+    attention: 'xla' or 'cudnn' (`network.resolve_attention`); the parameters do not depend on it.
   """
   channels: int = 3
   ch: int = 128
@@ -162,6 +164,7 @@ class UNet(nn.Module):
   downsample_padding: str = 'same'
   timestep_scale: float = 1.0
   dtype: Any = jnp.float32
+  attention: str = 'xla'
 
   @property
   def downsample_factor(self) -> int:
@@ -198,7 +201,7 @@ class UNet(nn.Module):
     res_kw = dict(dropout=self.dropout, num_groups=self.num_groups, norm_eps=self.norm_eps,
                   dtype=self.dtype)
     attn_kw = dict(num_heads=self.num_heads, num_groups=self.num_groups, norm_eps=self.norm_eps,
-                   dtype=self.dtype)
+                   dtype=self.dtype, attention=self.attention)
     h = nn.Conv(self.ch, (3, 3), dtype=self.dtype, name='conv_in')(x)
     skips = [h]
     for level, mult in enumerate(self.ch_mult):
@@ -252,8 +255,9 @@ def build_model(config: ml_collections.ConfigDict) -> network.Network:
   """Builds the UNet described by ``config.model`` for ``config.data.channels`` channels.
 
   ``config.diffusion.num_timesteps`` sets the timestep scale when ``model.rescale_timesteps``;
-  ``model.compute_dtype`` is resolved for the default backend (`resolve_compute_dtype`).
-  Fields missing from an older workdir's config.json take their defaults.
+  ``model.compute_dtype`` and ``model.attention`` are resolved for the default backend
+  (`resolve_compute_dtype`, `network.resolve_attention`). Fields missing from an older
+  workdir's config.json take their defaults.
 
   Returns:
     The `UNet` wrapped in `network.Network`: ``apply`` / ``init`` at ``model.precision``; every
@@ -263,12 +267,14 @@ def build_model(config: ml_collections.ConfigDict) -> network.Network:
   if config.data.channels not in (1, 3):
     raise ValueError(f'config.data.channels must be 1 or 3, got {config.data.channels}.')
   scale = 1000.0 / config.diffusion.num_timesteps if m['rescale_timesteps'] else 1.0
+  backend = jax.default_backend()
+  dtype = resolve_compute_dtype(m['compute_dtype'], backend)
   module = UNet(channels=config.data.channels, ch=m['ch'], ch_mult=tuple(m['ch_mult']),
                 num_res_blocks=m['num_res_blocks'], attn_resolutions=tuple(m['attn_resolutions']),
                 num_heads=m['num_heads'], dropout=m['dropout'], num_groups=m['num_groups'],
                 norm_eps=m['norm_eps'], learn_sigma=m['learn_sigma'],
                 downsample_padding=m['downsample_padding'], timestep_scale=scale,
-                dtype=resolve_compute_dtype(m['compute_dtype'], jax.default_backend()))
+                dtype=dtype, attention=network.resolve_attention(m['attention'], backend, dtype))
   return network.Network(module, m['precision'])
 
 

@@ -1,5 +1,7 @@
 """ddm_ood.flops: the one FLOP count of the benchmarks, against XLA's own count on the CPU."""
 
+import types
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -91,3 +93,17 @@ def test_while_loop_with_matmuls_is_refused():
     return jax.lax.while_loop(lambda c: c[1] < 3, lambda c: (c[0] @ w, c[1] + 1), (w, 0))[0]
   with pytest.raises(ValueError, match='static trip count'):
     flops.count_flops(f, jax.ShapeDtypeStruct((4, 4), jnp.float32))
+
+
+def test_fused_attention_counts_its_products():
+  """cuDNN's fused attention (GPU only, so a stand-in equation here): Q K^T and P V forward,
+  four products backward; q [B, T, N, H], k [B, S, N, H]."""
+  def eqn(name, q, k):
+    avals = [types.SimpleNamespace(aval=jax.ShapeDtypeStruct(s, jnp.bfloat16)) for s in (q, k, k)]
+    return types.SimpleNamespace(primitive=types.SimpleNamespace(name=name), invars=avals,
+                                 params={})
+  one = 2.0 * 8 * 256 * 4 * 64 * 64   # one product: 2 B T N S H, S = 64
+  assert flops.eqn_flops(eqn('dot_product_attention_fwd_wrapper', (8, 256, 4, 64),
+                             (8, 64, 4, 64))) == 2 * one
+  assert flops.eqn_flops(eqn('dot_product_attention_bwd_wrapper', (8, 256, 4, 64),
+                             (8, 64, 4, 64))) == 4 * one

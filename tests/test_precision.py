@@ -1,4 +1,5 @@
-"""config.model.precision reaches every matmul and convolution of the network (ddm_ood.network)."""
+"""config.model.precision reaches every matmul and convolution of the network, and
+config.model.attention picks the attention kernel (ddm_ood.network)."""
 
 import re
 
@@ -83,3 +84,17 @@ def test_unknown_precision_is_a_config_error():
 def test_precision_is_not_a_network_field():
   """A workdir trained at one setting evaluates at another (how it is computed, not what)."""
   assert 'model.precision' in workdir_lib.NON_MODEL_FIELDS
+
+
+def test_attention_setting_on_the_cpu():
+  """'auto' is XLA's attention off GPUs and in float32; 'cudnn' there is a clear error."""
+  for dtype in (jnp.float32, jnp.bfloat16):
+    assert network.resolve_attention('auto', 'cpu', dtype) == 'xla'
+    assert network.resolve_attention('xla', 'gpu', dtype) == 'xla'
+  assert network.resolve_attention('auto', 'gpu', jnp.float32) == 'xla'
+  with pytest.raises(ValueError, match="attention='cudnn'.*needs a GPU"):
+    network.resolve_attention('cudnn', 'cpu', jnp.bfloat16)
+  with pytest.raises(ValueError, match='not one of'):
+    network.resolve_attention('flash', 'cpu', jnp.float32)
+  config = h.load_config('tiny')
+  assert unet.build_model(config).attention == 'xla'
