@@ -10,17 +10,17 @@ remaining budget is skipped and reported as such):
    ``eval/results.md`` / ``results.json`` are copied to $OUT as they come (nothing expected).
 3. ``train_bench``: the CelebA-size train step at batch 128 (benchmarks/train_bench.py: FLOPs
    from ddm_ood.flops, fraction of the measured bf16 matmul peak).
-4. ``scorer_bench``: the CelebA-size DiffPath scorer (ddim10) at batch 512 in bf16, float32 and
-   float32 at 'highest' (benchmarks/scorer_bench.py --throughput); ``precision``: the fixture's
-   error against the official statistics at every ``config.model.precision``; the seed method
-   (forward, stein_ssim) in bf16.
-5. Extras while time remains: the train step with XLA's attention instead of cuDNN's, and
-   ``--mode=score`` start-up with and without the compilation cache (benchmarks/startup_bench.py).
+4. ``scorer_bench_ddim``: the CelebA-size DiffPath scorer (ddim10) at batch 512 in float32 at
+   'highest', float32 and bf16 (benchmarks/scorer_bench.py --throughput).
+5. Extras while time remains, in this order: ``precision`` (the fixture's error against the
+   official statistics at every ``config.model.precision``), the train step with XLA's attention
+   instead of cuDNN's, ``--mode=score`` start-up cold vs warm (benchmarks/startup_bench.py) and
+   the seed method's scorer (forward, stein_ssim) in bf16.
 
 Writes $OUT/summary.json (every stage's JSON, wall times, status) and $OUT/gpu_check.log.
 ``DDM_OOD_GPU_CHECK_REDUCED=1`` runs the same stages at toy sizes (the CPU dry run);
 ``DDM_OOD_GPU_CHECK_STAGES=main_job,train_bench`` runs only those; ``DDM_OOD_GPU_CHECK_BUDGET_S``
-(default 450) is the whole run's budget.
+(default 460) is the whole run's budget.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.environ.get('OUT') or os.path.join(tempfile.gettempdir(), 'gpu_check_out')
 REDUCED = os.environ.get('DDM_OOD_GPU_CHECK_REDUCED', '0') == '1'
-BUDGET_S = float(os.environ.get('DDM_OOD_GPU_CHECK_BUDGET_S', '450'))
+BUDGET_S = float(os.environ.get('DDM_OOD_GPU_CHECK_BUDGET_S', '460'))
 MAIN_CONFIG = os.environ.get('DDM_OOD_GPU_CHECK_CONFIG', 'configs/fashion_mnist.py')
 # Only these stages (comma-separated names as in the summary; default: all).
 STAGES = [s for s in os.environ.get('DDM_OOD_GPU_CHECK_STAGES', '').split(',') if s]
@@ -190,23 +190,26 @@ def main() -> None:
   run('scorer_bench_ddim', [py, 'benchmarks/scorer_bench.py', '--throughput',
                             '--config=configs/diffpath_celeba.py', '--mode=ddim',
                             f'--batches={sbatch}', '--chunks=0', f'--reps={reps}',
-                            '--variants=compute_dtype=bfloat16,precision=default;'
+                            # the exact one first: the others' feature differences are from it
+                            '--variants=compute_dtype=float32,precision=highest;'
                             'compute_dtype=float32,precision=default;'
-                            'compute_dtype=float32,precision=highest'], 150, 60, env)
+                            'compute_dtype=bfloat16,precision=default'], 150, 60, env)
+
+  # 5. Extras, most useful first.
   run('precision', [py, os.path.join('scripts', 'gpu_check.py'), '--precision_report'], 90, 40,
       env)
-  run('scorer_bench_forward', [py, 'benchmarks/scorer_bench.py', '--throughput',
-                               '--config=configs/diffpath_celeba.py', '--mode=forward',
-                               '--kinds=stein_ssim', f'--batches={sbatch}', '--chunks=0',
-                               f'--reps={reps}', '--variants=compute_dtype=bfloat16'], 90, 45, env)
-
-  # 5. Extras.
   run('train_bench_xla_attention', [py, 'benchmarks/train_bench.py', *celeba,
                                     f'--config.train.batch_size={batch}', f'--steps={steps}',
                                     '--config.model.attention=xla'], 150, 90, env)
   if job is not None and job['status'] == 'ok':
     run('score_startup', [py, 'benchmarks/startup_bench.py', f'--workdir={workdir}',
-                          '--images=1', '--rounds=1'], 120, 60, env)
+                          '--images=1', '--rounds=1', '--runs=cold,warm'], 120, 60, env)
+  run('scorer_bench_forward', [py, 'benchmarks/scorer_bench.py', '--throughput',
+                               '--config=configs/diffpath_celeba.py', '--mode=forward',
+                               '--kinds=stein_ssim', f'--batches={sbatch}', '--chunks=0',
+                               f'--reps={reps}',
+                               '--variants=compute_dtype=bfloat16,precision=default'], 90, 45, env)
+
   SUMMARY['finished'] = True
   save_summary()
   log(f'done in {time.monotonic() - T0:.1f} s; summary in {OUT}/summary.json')
@@ -214,8 +217,8 @@ def main() -> None:
 
 
 def precision_report() -> None:
-  """The DiffPath fixture at every precision setting: largest relative error of the 6-D / 1-D
-  statistics against the official code's and of the DDIM eps path (prints JSON)."""
+  """The DiffPath fixture at every precision setting: largest relative error of its 6-D / 1-D
+  statistics against the official code's (prints JSON)."""
   sys.path.insert(0, ROOT)
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
