@@ -88,8 +88,8 @@ def main():
         out = os.path.join(tmp, f'{name}{r}.csv')
         runs[name].append(score_once(workdir, folder, out, 'off' if name == 'off' else cache))
         if name == 'cold':
-          runs[name][-1]['cache_mib'] = sum(
-              os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(cache) for f in fs) / 2 ** 20
+          size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(cache) for f in fs)
+          runs[name][-1]['cache_mib'] = size / 2 ** 20
         with open(out, 'rb') as f:
           csvs.append(f.read())
     med = {n: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for n, rs in runs.items()}

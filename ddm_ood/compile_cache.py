@@ -1,8 +1,8 @@
 """JAX's persistent compilation cache, on by default for ``main``, the API and the benchmarks.
 
 A second process that compiles the same program (the same network, shapes, shardings, flags and
-JAX version) loads the executable from disk instead of compiling it again: ``--mode=score`` and
-notebook restarts start in seconds instead of a minute. Results are the same bit for bit (the
+JAX version) loads the executable from disk instead of compiling it again (10-70 s per program
+on a GPU, a few seconds on a CPU: docs/benchmarks.md). Results are the same bit for bit (the
 cached executable is the one a compile would produce; tested).
 
 Where (the first that is set):

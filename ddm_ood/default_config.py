@@ -42,7 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
                                    # 'float32' or 'bfloat16'; parameters always float32.
   model.precision = 'default'      # Matmul / conv precision of the network (ddm_ood/network.py):
                                    # 'default' (GPU TF32, TPU bf16 passes), 'high' or 'highest'
-                                   # (full float32; 2-5x slower float32 on accelerators).
+                                   # (full float32: ~5x the float32 scoring time on an H200).
   model.attention = 'auto'         # 'auto' (cuDNN fused attention on a GPU in bf16 / fp16 where
                                    # it runs, else XLA's), 'xla' or 'cudnn'.
 

@@ -40,7 +40,8 @@ _PROCESS_ID = flags.DEFINE_integer(
     'process_id', None, 'This process, in [0, num_processes) (with --coordinator_address).')
 _COMPILATION_CACHE = flags.DEFINE_string(
     'compilation_cache', None, "JAX's persistent compilation cache: a folder, or 'off' (default: "
-    '$DDM_OOD_COMPILATION_CACHE, else $XDG_CACHE_HOME/ddm_ood/jax/<host>; ddm_ood/compile_cache.py).')
+    '$DDM_OOD_COMPILATION_CACHE, else $XDG_CACHE_HOME/ddm_ood/jax/<host>; see '
+    'ddm_ood/compile_cache.py).')
 flags.mark_flags_as_required(['workdir'])
 
 

@@ -10,10 +10,11 @@ Attention layers of any family call `dot_product_attention` with the implementat
 `resolve_attention` chose from ``config.model.attention``: 'auto' = cuDNN's fused (flash)
 attention on a GPU in bfloat16 / float16 where it compiles and runs there, else XLA's.
 
-On the CPU the precision setting changes nothing (XLA:CPU computes float32 matmuls in float32 either way;
-tested bit-identical). On GPUs and TPUs float32 matmuls and convolutions run at reduced precision
-by default (TF32 / bfloat16 passes), so results that must equal a float32 reference (the converted
-DiffPath configs) pin 'highest'. With ``compute_dtype = 'bfloat16'`` the setting has no effect.
+On the CPU the precision setting changes nothing (XLA:CPU computes float32 matmuls in float32
+either way; tested bit-identical). On GPUs and TPUs float32 matmuls and convolutions run at
+reduced precision by default (TF32 / bfloat16 passes), so results that must equal a float32
+reference (the converted DiffPath configs) pin 'highest'. With ``compute_dtype = 'bfloat16'`` the
+setting has no effect.
 """
 
 from __future__ import annotations

@@ -17,5 +17,6 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export DDM_OOD_FASHION_MNIST_DIR="${DDM_OOD_FASHION_MNIST_DIR:-$PWD/.data/fashion-mnist}"
 export DDM_OOD_GIMP_PATTERNS_DIR="${DDM_OOD_GIMP_PATTERNS_DIR:-$PWD/.data/gimp-patterns}"
-(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || true) > "$OUT/nvidia_smi.txt"
+(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || true) \
+  > "$OUT/nvidia_smi.txt"
 python3 scripts/gpu_check.py 2>&1 | tail -n 40
