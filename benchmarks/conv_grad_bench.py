@@ -28,11 +28,16 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import core_modes  # noqa: E402  pylint: disable=g-import-not-at-top
 import jax
 from jax import lax
 import jax.numpy as jnp
 import numpy as np
+
+from ddm_ood import compile_cache  # noqa: E402
+from ddm_ood import flops as flops_lib  # noqa: E402
 
 NHWC = ('NHWC', 'HWIO', 'NHWC')
 # (B per device, H, W, C_in, C_out, k): CelebA-size network at batch 16 on 2 devices, then the
@@ -74,12 +79,16 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--repeats', type=int, default=5)
   args = parser.parse_args()
+  compile_cache.configure()
   rows = []
   for (b, h, w, c_in, c_out, k) in SHAPES:
     kx, kg = jax.random.split(jax.random.key(0))
     x = jax.random.normal(kx, (b, h, w, c_in))
     g = jax.random.normal(kg, (b, h, w, c_out))
-    flops = 2 * b * h * w * c_in * c_out * k * k
+    # The useful work of dW = that of the forward conv (`ddm_ood.flops`: padding taps excluded).
+    flops = flops_lib.count_flops(
+        lambda x_, w_: lax.conv_general_dilated(x_, w_, (1, 1), 'SAME', dimension_numbers=NHWC),
+        x, jax.ShapeDtypeStruct((k, k, c_in, c_out), x.dtype))
     row, ref = {'shape': [b, h, w, c_in, c_out, k]}, None
     for method in ('xla', 'taps', 'im2col'):
       fn = jax.jit(lambda x_, g_, m=method: weight_grad(m, x_, g_, k))

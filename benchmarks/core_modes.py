@@ -23,8 +23,9 @@ MODES = ('one_core', 'one_device', 'all_cores', 'all_cores_system_malloc')
 
 
 def matmul_gflops_per_s(n: int = 2048, reps: int = 5) -> float:
-  """float32 GFLOP/s of a jitted n x n matmul on the default device: the machine's figure that
-  each mode's ``fraction_of_matmul`` divides by (measured in the same process, same cores)."""
+  """float32 GFLOP/s of a jitted n x n matmul on the default device: on the CPU the peak that
+  each mode's ``fraction_of_peak`` divides by (`peak.py`; measured in the same process, same
+  cores)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top

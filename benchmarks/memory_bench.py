@@ -8,7 +8,8 @@ compiled for abstract inputs (nothing runs, parameters are never materialised) a
 assignment is read from ``compiled.memory_analysis()``: ``temp`` (activations), ``argument``
 (parameters and images), ``output`` and their sum ``peak``. Beside it, `ddm_ood.memory`'s estimate
 of the same quantity and their ratio (the estimate is meant to stay above the measurement), and
-the (batch, chunk) that `ddm_ood.memory.plan_for_config` picks for ``--budget_gb`` on one device.
+the (batch, chunk) that `ddm_ood.memory.plan_for_config` picks for ``--budget_gb`` on one device,
+and the FLOPs of each call (`ddm_ood.flops`).
 
 Buffer assignment on the CPU backend: an accelerator's differs somewhat (other fusions, no
 layout copies for convolutions), so these are a guide for the rule, not a guarantee.
@@ -49,8 +50,11 @@ def main():
   parser.add_argument('--budget_gb', type=float, default=16.0)
   args = parser.parse_args()
 
+  from ddm_ood import compile_cache
+  from ddm_ood import flops as flops_lib
   from ddm_ood import memory
   from ddm_ood import scorer as scorer_lib
+  compile_cache.configure()
   from ddm_ood.schedule import schedule_for
   from ddm_ood.unet import build_model, init_params, param_count
   report = {'backend': jax.default_backend(), 'jax': jax.__version__, 'K': args.num_steps,
@@ -83,8 +87,9 @@ def main():
         fn = jax.jit(scorer_lib.make_trajectory_scorer(lambda p, x, t: model.apply(p, x, t),
                                                        schedule, sc, ('stein_ssim',)))
         t0 = time.perf_counter()
-        compiled = fn.lower(params, jax.ShapeDtypeStruct((b, size, size, ch), jnp.float32),
-                            jax.ShapeDtypeStruct((b,), jnp.int32), jax.random.key(0)).compile()
+        abstract = (params, jax.ShapeDtypeStruct((b, size, size, ch), jnp.float32),
+                    jax.ShapeDtypeStruct((b,), jnp.int32), jax.random.key(0))
+        compiled = fn.lower(*abstract).compile()
         ma = compiled.memory_analysis()
         temp, arg, out = (int(ma.temp_size_in_bytes), int(ma.argument_size_in_bytes),
                           int(ma.output_size_in_bytes))
@@ -95,6 +100,7 @@ def main():
                      'output_mib': out / 2 ** 20, 'peak_mib': (temp + arg + out) / 2 ** 20,
                      'estimate_mib': estimate / 2 ** 20,
                      'estimate_over_peak': estimate / (temp + arg + out),
+                     'gflop_per_call': flops_lib.count_flops(fn, *abstract) / 1e9,
                      'compile_s': time.perf_counter() - t0})
         print(json.dumps({'config': name, **rows[-1]}), file=sys.stderr, flush=True)
     # Per-state growth measured between the largest and smallest step size of this config.

@@ -14,8 +14,9 @@ XLA op time per call summed over threads, grouped
   metadata, e.g. ``transpose(jvp(UNet))/down_1_res_0/conv2/conv_general_dilated``).
 
 The device set-up follows ``main`` (`ddm_ood.cpu_devices`; ``DDM_OOD_CPU_DEVICES=1`` for one
-device). Reading the trace needs TensorFlow's ``xplane_pb2`` (installed with the ``tfds`` extra).
-Not a test.
+device). Also printed: the FLOPs of one call (`ddm_ood.flops`) and the achieved fraction of the
+backend's matmul peak (`peak.py`). Reading the trace needs TensorFlow's ``xplane_pb2``
+(installed with the ``tfds`` extra). Not a test.
 """
 
 from __future__ import annotations
@@ -151,13 +152,18 @@ def main():
   cpu_devices.configure(divides=(args.batch,))
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+  import peak  # pylint: disable=g-import-not-at-top
   import scorer_bench  # pylint: disable=g-import-not-at-top
+  from ddm_ood import compile_cache  # pylint: disable=g-import-not-at-top
+  from ddm_ood import flops as flops_lib  # pylint: disable=g-import-not-at-top
+  compile_cache.configure()
 
   if args.what == 'train_step':
     import train_bench  # pylint: disable=g-import-not-at-top
     config = scorer_bench.load_config(args.config)
     config.train.batch_size = args.batch
     step_fn, state, batches = train_bench.train_setup(config)
+    flops = flops_lib.count_flops(step_fn, state, batches[0])
     compiled = step_fn.lower(state, batches[0]).compile()
     hlo = compiled.as_text()
     carry = [state]
@@ -176,6 +182,7 @@ def main():
     params = sharding.replicate(params, mesh)
     fn = jax.jit(scorer_lib.make_trajectory_scorer(lambda p, x, t: model.apply(p, x, t),
                                                    schedule, scfg, ('stein_ssim',)))
+    flops = flops_lib.count_flops(fn, params, x, ids, jax.random.key(0))
     compiled = fn.lower(params, x, ids, jax.random.key(0)).compile()
     hlo = compiled.as_text()
     call = lambda: compiled(params, x, ids, jax.random.key(0))  # noqa: E731
@@ -186,6 +193,7 @@ def main():
     out = call()
   jax.block_until_ready(out)
   ms = (time.perf_counter() - t0) / args.calls * 1e3
+  measured = peak.matmul_peak()
   with jax.profiler.trace(args.trace_dir):
     for _ in range(args.calls):
       out = call()
@@ -194,6 +202,8 @@ def main():
                     'batch': args.batch, 'devices': jax.device_count(),
                     'malloc': host_malloc.active() or 'system',
                     'ms_per_call_untraced': ms, 'trace_dir': args.trace_dir,
+                    'gflop_per_call': flops / 1e9, **peak.rates(flops, ms / 1e3, measured),
+                    **measured,
                     **summarise(args.trace_dir, args.calls, hlo)}, indent=1))
 
 

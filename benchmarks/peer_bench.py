@@ -16,9 +16,9 @@ every core as host devices (`ddm_ood.cpu_devices`, ``DDM_OOD_CPU_DEVICES`` overr
 of both are checked to agree (max relative error, column-scaled, reported).
 
 Printed: images/s of both and their ratio (ddm_ood / DiffPath; the target is >= 1.0), the
-machine's float32 matmul GFLOP/s (numpy, 2048^2), the network's GFLOP per forward (XLA's cost
-analysis at batch 1) and the fraction of the matmul rate each scorer achieves (K forwards per
-image), the load average, torch / jax versions. Not a
+machine's float32 matmul GFLOP/s (numpy, 2048^2) and the backend's matmul peak (`peak.py`), the
+network's GFLOP per forward and the scorer's per image (`ddm_ood.flops`: K forwards) and the
+fraction of the peak each scorer achieves, the load average, torch / jax versions. Not a
 test; timings move with the machine and its load, so compare only the ratio of one run.
 """
 
@@ -33,6 +33,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import numpy as np  # noqa: E402
@@ -74,10 +75,14 @@ def main(argv=None) -> None:
   parser.add_argument('--seed', type=int, default=0)
   args = parser.parse_args(argv)
 
+  from ddm_ood import compile_cache
   from ddm_ood import cpu_devices
+  from ddm_ood import flops as flops_lib
   from ddm_ood import host_malloc
   cpu_devices.configure(divides=(args.batch,))
   import jax
+  import peak  # pylint: disable=g-import-not-at-top
+  compile_cache.configure()
   import torch as th
 
   from configs import diffpath_celeba
@@ -145,14 +150,13 @@ def main(argv=None) -> None:
 
   ours_s, ours_f = timed(ours)
   peer_s, peer_f = timed(peer)
-  # Network FLOPs per image per step (XLA's count of one forward at batch 1); the scorer makes
-  # K = num_steps forwards per image, the peer the same.
-  one = jax.jit(lambda p, x, t: model.apply(p, x, t)).lower(
-      variables, images[:1], np.zeros((1,), np.int32)).compile().cost_analysis()
-  one = one[0] if isinstance(one, (list, tuple)) else one
-  forward_flops = float(one['flops'])
-  total_flops = forward_flops * int(config.scorer.num_steps) * args.batch
+  # Network FLOPs per forward at batch 1, and of the whole scorer call (K = num_steps forwards
+  # per image, the peer the same).
+  forward_flops = flops_lib.count_flops(model.apply, variables, images[:1],
+                                        np.zeros((1,), np.int32))
+  total_flops = flops_lib.count_flops(fn, params, xs, ids, key)
   matmul = matmul_gflops()
+  measured = peak.matmul_peak()
   floor = 1e-3 * np.abs(peer_f).max(axis=0)
   rel = float(np.max(np.abs(ours_f - peer_f) / np.maximum(np.abs(peer_f), floor)))
   result = {
@@ -163,8 +167,9 @@ def main(argv=None) -> None:
       'ddm_ood_compile_s': compile_s, 'jax_devices': jax.device_count(), 'torch_threads': cores,
       'features_max_rel_err': rel, 'matmul_gflops_per_s': matmul,
       'network_gflop_per_forward': forward_flops / 1e9,
-      'ddm_ood_fraction_of_matmul': total_flops / ours_s / 1e9 / matmul,
-      'diffpath_fraction_of_matmul': total_flops / peer_s / 1e9 / matmul,
+      'scorer_gflop_per_image': total_flops / args.batch / 1e9, **measured,
+      'ddm_ood_fraction_of_peak': peak.rates(total_flops, ours_s, measured)['fraction_of_peak'],
+      'diffpath_fraction_of_peak': peak.rates(total_flops, peer_s, measured)['fraction_of_peak'],
       'loadavg': os.getloadavg(), 'torch_version': th.__version__,
       'jax_version': jax.__version__,
       'malloc': host_malloc.active() or 'system',  # both scorers share it

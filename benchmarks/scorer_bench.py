@@ -19,7 +19,17 @@ four set-ups of `core_modes` (pinned to one core; one device on every core; one 
 of this one run: images/s, core usage ((user + sys CPU time) / wall), achieved GFLOP/s and the
 speed-ups, features checked equal.
 
-Not a test: timings depend on the machine and its load (reported as ``loadavg``).
+``--throughput``: only the compiled scorer (no peer, no flag variants), for accelerators: for
+each of ``--variants`` (';'-separated ``model`` overrides, e.g.
+``compute_dtype=float32,precision=highest;compute_dtype=bfloat16``) images/s at ``--batches``
+(first value) with ``--mode`` and ``--kinds``, FLOPs per image and the fraction of the backend's
+matmul peak (`peak.py`: bfloat16 on accelerators), and the features' largest difference from
+the first variant (column-scaled).
+
+FLOPs: `ddm_ood.flops` (every network call of the K-step trajectory and the ``lax.map`` chunks
+counted; XLA's cost analysis counts a loop body once). Compilation goes through the persistent
+cache (`ddm_ood.compile_cache`). Not a test: timings depend on the machine and its load
+(reported as ``loadavg``).
 """
 
 from __future__ import annotations
@@ -41,6 +51,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import core_modes  # noqa: E402
+import peak  # noqa: E402
+from ddm_ood import compile_cache  # noqa: E402
+from ddm_ood import flops as flops_lib  # noqa: E402
 
 
 def load_config(path):
@@ -82,11 +95,12 @@ def timed(fn, reps):
   return (time.perf_counter() - t) / reps, out
 
 
-def flops_of(compiled):
+def xla_flops_of(compiled):
+  """XLA's cost-analysis FLOPs (a loop body counted once; for comparison with `ddm_ood.flops`)."""
   ca = compiled.cost_analysis()
   if isinstance(ca, (list, tuple)):
     ca = ca[0]
-  return float(ca.get('flops', float('nan')))
+  return float((ca or {}).get('flops', float('nan')))
 
 
 def peer_loop(apply_jit, params, schedule, scfg, images, ids, key):
@@ -127,8 +141,9 @@ def unet_child(config_path, out_npy):
   compile_s = time.perf_counter() - t0
   sec, out = timed(lambda: jax.block_until_ready(compiled(params, x, t)), 5)
   np.save(out_npy, np.asarray(out))
-  print(json.dumps({'sec': sec, 'compile_s': compile_s, 'gflop': flops_of(compiled) / 1e9,
-                    'gflops_per_s': flops_of(compiled) / sec / 1e9}))
+  flops = flops_lib.count_flops(f, params, x, t)
+  print(json.dumps({'sec': sec, 'compile_s': compile_s, 'gflop': flops / 1e9,
+                    'gflops_per_s': flops / sec / 1e9}))
 
 
 def conv_probe():
@@ -172,8 +187,10 @@ def devices_child(args, out_npy):
                                                  scfg, ('stein_ssim',)))
   key = jax.random.key(0)
   compiled = fn.lower(params, x, ids, key).compile()
+  flops = flops_lib.count_flops(fn, params, x, ids, key)   # global: every device's images
   run = lambda: jax.block_until_ready(compiled(params, x, ids, key))  # noqa: E731
   run()
+  measured = peak.matmul_peak()
   reps = 3
   r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
   for _ in range(reps):
@@ -181,16 +198,60 @@ def devices_child(args, out_npy):
   sec = (time.perf_counter() - t0) / reps
   r1 = resource.getrusage(resource.RUSAGE_SELF)
   cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
-  # The SPMD executable's cost analysis is per device, and counts a lax.map (while) body once.
-  flops = flops_of(compiled) * n_dev * (b // scfg.chunk if scfg.chunk else 1)
   np.save(out_npy, np.asarray(out['features']['stein_ssim']))
-  mm = core_modes.matmul_gflops_per_s()
   from ddm_ood import host_malloc
   print(json.dumps({'devices': n_dev, 'batch': b, 'chunk': scfg.chunk,
                     'malloc': host_malloc.active() or 'system',
                     'images_per_s': b / sec, 'core_usage': cpu / (sec * reps),
-                    'gflops_per_s': flops / sec / 1e9, 'matmul_2048_gflops_per_s': mm,
-                    'fraction_of_matmul': flops / sec / 1e9 / mm}))
+                    'gflop_per_image': flops / b / 1e9, **peak.rates(flops, sec, measured),
+                    **measured}))
+
+
+def throughput(args):
+  """The compiled scorer alone at the first of ``--batches``, once per ``--variants`` entry."""
+  from ddm_ood import scorer as scorer_lib
+  from ddm_ood.schedule import make_schedule
+  from ddm_ood.unet import build_model
+  from tests.train_helpers import random_params
+  kinds = tuple(k for k in args.kinds.split(',') if k) or (
+      ('stein_ssim',) if args.mode == 'forward' else ('diffpath_6d', 'diffpath_1d'))
+  b = int(args.batches.split(',')[0])
+  chunk = int(args.chunks.split(',')[0] or 0)
+  measured = peak.matmul_peak()
+  report = {'config': os.path.relpath(args.config, ROOT), 'mode': args.mode, 'kinds': kinds,
+            'batch': b, 'chunk': chunk, 'K': args.num_steps, 'devices': str(jax.devices()),
+            'jax': jax.__version__, **measured, 'variants': []}
+  params, ref = None, None
+  for variant in args.variants.split(';'):
+    cfg = load_config(args.config)
+    for item in (v for v in variant.split(',') if v):
+      name, value = item.split('=')
+      cfg.model[name] = type(cfg.model[name])(value)
+    sc = cfg.scorer
+    sc.mode, sc.num_steps, sc.chunk, sc.t_min = args.mode, args.num_steps, chunk, 0
+    model = build_model(cfg)
+    size, ch = cfg.data.image_size, cfg.data.channels
+    if params is None:   # the same weights for every variant
+      params = random_params(model, size)
+    schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps)
+    fn = jax.jit(scorer_lib.make_trajectory_scorer(model.apply, schedule, sc, kinds))
+    x, ids, key = real_images(b, size, ch), np.arange(b, dtype=np.int32), jax.random.key(0)
+    t0 = time.perf_counter()
+    compiled = fn.lower(params, x, ids, key).compile()
+    compile_s = time.perf_counter() - t0
+    sec, out = timed(lambda: jax.block_until_ready(compiled(params, x, ids, key)), args.reps)
+    flops = flops_lib.count_flops(fn, params, x, ids, key)
+    feats = np.asarray(out['features'][kinds[0]], np.float64)
+    ref = feats if ref is None else ref
+    report['variants'].append({
+        'model': variant, 'compute_dtype': np.dtype(model.dtype).name,
+        'precision': model.precision, 'attention': model.attention, 'images_per_s': b / sec,
+        'compile_s': compile_s, 'gflop_per_image': flops / b / 1e9,
+        **peak.rates(flops, sec, measured),
+        'max_rel_diff_vs_first': float(np.max(np.abs(feats - ref) / np.abs(ref).max(0)))})
+    print(json.dumps(report['variants'][-1]), file=sys.stderr, flush=True)
+  report['loadavg'] = os.getloadavg()[0]
+  print(json.dumps(report, indent=1))
 
 
 def compare_devices(args):
@@ -229,7 +290,17 @@ def main():
   parser.add_argument('--rounds', type=int, default=1,
                       help='with --compare_devices: interleaved runs per set-up (median compared)')
   parser.add_argument('--devices_child', default='')
+  parser.add_argument('--throughput', action='store_true',
+                      help='only the compiled scorer, per --variants (for accelerators)')
+  parser.add_argument('--variants', default='',
+                      help="';'-separated config.model overrides, e.g. "
+                      "'compute_dtype=float32,precision=highest;compute_dtype=bfloat16'")
+  parser.add_argument('--mode', default='forward', choices=('forward', 'ddim'))
+  parser.add_argument('--kinds', default='', help='default: stein_ssim (forward) or '
+                      'diffpath_6d,diffpath_1d (ddim)')
+  parser.add_argument('--reps', type=int, default=3)
   args = parser.parse_args()
+  compile_cache.configure()
   if not os.path.exists(args.config):
     args.config = os.path.join(ROOT, 'configs', 'default.py')
   if args.unet_child:
@@ -238,6 +309,8 @@ def main():
     return compare_devices(args)
   if args.devices_child:
     return devices_child(args, args.devices_child)
+  if args.throughput:
+    return throughput(args)
 
   from ddm_ood import host_malloc
   from ddm_ood import scorer as scorer_lib
@@ -261,7 +334,7 @@ def main():
     reps = 3 if b <= 64 else 1
     s_scorer, out = timed(lambda: jax.block_until_ready(compiled(params, x, ids, key)), reps)
     s_peer, peer = timed(lambda: peer_loop(apply_jit, params, schedule, scfg, x, ids, key), 1)
-    flops = flops_of(compiled)
+    flops = flops_lib.count_flops(score, params, x, ids, key)
     ref = np.asarray(out['features']['stein_ssim'])
     by_chunk = {}
     for c in [int(v) for v in args.chunks.split(',') if v]:
@@ -279,6 +352,7 @@ def main():
         'scorer_images_per_s': b / s_scorer, 'peer_loop_images_per_s': b / s_peer,
         'speedup': s_peer / s_scorer, 'scorer_compile_s': compile_s,
         'scorer_gflop_per_call': flops / 1e9, 'scorer_gflops_per_s': flops / s_scorer / 1e9,
+        'xla_gflop_per_call': xla_flops_of(compiled) / 1e9,
         'peer_vs_scorer_max_rel_diff': float(np.max(np.abs(peer - ref) /
                                                     np.abs(ref).max(0))),
     }
@@ -288,6 +362,9 @@ def main():
   s_np, _ = timed(lambda: an @ an, 5)
   report['matmul_2048_gflops_per_s'] = {'jax': core_modes.matmul_gflops_per_s(n),
                                         'numpy': 2 * n ** 3 / s_np / 1e9}
+  report['peak'] = peak.matmul_peak()
+  for r in report['batches'].values():
+    r['fraction_of_peak'] = r['scorer_gflops_per_s'] / 1e3 / report['peak']['peak_tflops_per_s']
   report['conv3x3_probe'] = conv_probe()
 
   if not args.skip_flags:

@@ -6,8 +6,11 @@
 Reports steps/s after compilation over ``--steps`` steps on synthetic data, the compile time,
 the parameter count, peak memory (device memory stats if the backend has them, else the
 process's max RSS), the global batch size, the core usage of the timed loop ((user + sys CPU
-time) / wall time), the step's FLOPs (XLA cost analysis, all devices) and achieved GFLOP/s against a
-jitted 2048 x 2048 float32 matmul measured in the same process.
+time) / wall time), the step's FLOPs (`ddm_ood.flops`, all devices; the forward's per image and
+XLA's own count beside them) and the achieved TFLOP/s as a fraction of the backend's matmul peak
+measured in the same process (`peak.py`: float32 on the CPU, bfloat16 on accelerators).
+Compilation goes through the persistent cache (`ddm_ood.compile_cache`) unless
+``DDM_OOD_COMPILATION_CACHE=off``: ``compile_plus_first_step_s`` is then a second start's.
 
 Like ``main``, it exposes every core as a CPU device unless told otherwise (`ddm_ood.cpu_devices`:
 ``DDM_OOD_CPU_DEVICES=N``, 1 = off, or an explicit ``XLA_FLAGS`` device count) and runs on tcmalloc
@@ -32,7 +35,10 @@ from ml_collections import config_flags
 import numpy as np
 
 import core_modes  # pylint: disable=g-bad-import-order
+import peak  # pylint: disable=g-bad-import-order
+from ddm_ood import compile_cache
 from ddm_ood import cpu_devices
+from ddm_ood import flops as flops_lib
 from ddm_ood import host_malloc
 from ddm_ood import schedule as schedule_lib
 from ddm_ood import sharding
@@ -63,12 +69,13 @@ def _peak_memory() -> dict:
   return {'peak_memory_bytes': int(rss_kib) * 1024, 'memory_source': 'process_max_rss'}
 
 
-def compiled_flops(compiled, num_devices: int) -> float:
-  """FLOPs of one call of a compiled (SPMD, per-device) executable, summed over devices."""
+def xla_flops(compiled, num_devices: int) -> float:
+  """XLA's cost-analysis FLOPs of a compiled (SPMD, per-device) executable, summed over devices
+  (for comparison only: it misses library convolutions and counts loop bodies once)."""
   ca = compiled.cost_analysis()
   if isinstance(ca, (list, tuple)):
     ca = ca[0]
-  return float(ca.get('flops', float('nan'))) * num_devices
+  return float((ca or {}).get('flops', float('nan'))) * num_devices
 
 
 def compare_devices(argv) -> None:
@@ -109,15 +116,21 @@ def main(argv):
   if _COMPARE.value:
     return compare_devices(argv)
   cpu_devices.configure(divides=(_CONFIG.value.train.batch_size,))
+  cache = compile_cache.configure()
   config = _CONFIG.value
   tc = config.train
   size, ch = config.data.image_size, config.data.channels
   step_fn, state, batches = train_setup(config)
+  model = unet.build_model(config)
+  flops = flops_lib.count_flops(step_fn, state, batches[0])
+  forward = flops_lib.count_flops(
+      model.apply, state.params, jax.ShapeDtypeStruct((1, size, size, ch), np.float32),
+      jax.ShapeDtypeStruct((1,), np.int32))
   t0 = time.perf_counter()
   state, metrics = step_fn(state, batches[0])
   jax.block_until_ready(metrics)
   compile_s = time.perf_counter() - t0
-  flops = compiled_flops(step_fn.lower(state, batches[0]).compile(), jax.device_count())
+  xla = xla_flops(step_fn.lower(state, batches[0]).compile(), jax.device_count())
   r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
   for i in range(_STEPS.value):
     state, metrics = step_fn(state, batches[i % 2])
@@ -125,18 +138,21 @@ def main(argv):
   elapsed = time.perf_counter() - t0
   r1 = resource.getrusage(resource.RUSAGE_SELF)
   cpu_s = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
-  mm = core_modes.matmul_gflops_per_s()
+  measured = peak.matmul_peak()
   print(json.dumps({
       'steps_per_sec': _STEPS.value / elapsed,
       'sec_per_step': elapsed / _STEPS.value,
-      'compile_plus_first_step_s': compile_s,
+      'compile_plus_first_step_s': compile_s, 'compilation_cache': cache,
       'param_count': unet.param_count(state.params),
       'batch_size': int(tc.batch_size),
       'image_size': size, 'channels': ch,
       'devices': jax.device_count(), 'backend': jax.default_backend(),
+      'compute_dtype': np.dtype(model.dtype).name, 'precision': model.precision,
+      'attention': model.attention,
       'core_usage': cpu_s / elapsed, 'gflop_per_step': flops / 1e9,
-      'gflops_per_s': flops * _STEPS.value / elapsed / 1e9, 'matmul_2048_gflops_per_s': mm,
-      'fraction_of_matmul': flops * _STEPS.value / elapsed / 1e9 / mm,
+      'gflop_forward_per_image': forward / 1e9, 'step_over_batch_forwards': flops / (
+          forward * int(tc.batch_size)), 'xla_gflop_per_step': xla / 1e9,
+      **peak.rates(flops, elapsed / _STEPS.value, measured), **measured,
       'malloc': host_malloc.active() or 'system', **_peak_memory()}))
 
 

@@ -10,22 +10,37 @@ The public surface (see README.md and docs/design.md):
 * `load_denoiser` / `load_feature_fn`: a workdir's network / features as jittable functions.
 """
 
-from ddm_ood.api import load_anomaly_scorer
-from ddm_ood.api import load_denoiser
-from ddm_ood.api import load_feature_fn
-from ddm_ood.api import make_anomaly_fn
-from ddm_ood.detector import anomaly_score
-from ddm_ood.detector import fit_detector
-from ddm_ood.metrics import ood_metrics
-from ddm_ood.schedule import make_schedule
-from ddm_ood.schedule import Schedule
-from ddm_ood.scorer import FEATURE_KINDS
-from ddm_ood.scorer import make_trajectory_scorer
-from ddm_ood.unet import build_model
-from ddm_ood.unet import UNet
+import importlib
 
 __version__ = '0.1.0'
 
-__all__ = ['FEATURE_KINDS', 'Schedule', 'UNet', 'anomaly_score', 'build_model', 'fit_detector',
-           'load_anomaly_scorer', 'load_denoiser', 'load_feature_fn', 'make_anomaly_fn',
-           'make_schedule', 'make_trajectory_scorer', 'ood_metrics']
+# Public name -> the module that defines it. Imported on first use (PEP 562), so that
+# `import ddm_ood.kinds` or the tcmalloc check of `python -m ddm_ood.main` (ddm_ood/host_malloc.py)
+# does not load JAX, Orbax and scikit-learn first.
+_EXPORTS = {
+    'load_anomaly_scorer': 'api', 'load_denoiser': 'api', 'load_feature_fn': 'api',
+    'make_anomaly_fn': 'api', 'anomaly_score': 'detector', 'fit_detector': 'detector',
+    'ood_metrics': 'metrics', 'make_schedule': 'schedule', 'Schedule': 'schedule',
+    'FEATURE_KINDS': 'scorer', 'make_trajectory_scorer': 'scorer', 'build_model': 'unet',
+    'UNet': 'unet',
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+  if name in _EXPORTS:
+    value = getattr(importlib.import_module(f'ddm_ood.{_EXPORTS[name]}'), name)
+  else:
+    try:  # a submodule: `import ddm_ood; ddm_ood.api` as before
+      value = importlib.import_module(f'ddm_ood.{name}')
+    except ModuleNotFoundError as e:
+      if e.name != f'ddm_ood.{name}':
+        raise
+      raise AttributeError(f"module 'ddm_ood' has no attribute {name!r}") from None
+  globals()[name] = value
+  return value
+
+
+def __dir__():
+  return sorted(set(globals()) | set(_EXPORTS))

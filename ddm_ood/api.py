@@ -10,7 +10,9 @@ Example::
                           ood.draws, ood.complexity)
   scores = jax.jit(f)(ood.unet_params, ood.detector_params, images, image_ids, ood.key)
 
-Scoring needs neither TensorFlow nor scikit-learn: the detector is plain arrays.
+Scoring needs neither TensorFlow nor scikit-learn: the detector is plain arrays. The loaders
+turn on JAX's persistent compilation cache (`compile_cache`; ``DDM_OOD_COMPILATION_CACHE=off``
+keeps it off), so a restarted notebook does not compile the scorer again.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import ml_collections
 import numpy as np
 
 from ddm_ood import checkpoint
+from ddm_ood import compile_cache
 from ddm_ood import complexity as complexity_lib
 from ddm_ood import detector
 from ddm_ood import features as features_lib
@@ -128,6 +131,14 @@ class AnomalyScorer:
                                jnp.asarray(images, jnp.float32), image_ids, self.key))
 
 
+def _open(workdir: str) -> tuple[str, ml_collections.ConfigDict]:
+  """(absolute workdir, its config); compiles from here on use the persistent compilation cache
+  (`compile_cache.ensure`: the default folder unless this process chose otherwise)."""
+  compile_cache.ensure()
+  workdir = os.path.abspath(workdir)
+  return workdir, workdir_lib.load_config(workdir)
+
+
 def load_anomaly_scorer(workdir: str, id_dataset: str | None = None,
                         kind: str | None = None) -> AnomalyScorer:
   """Loads the EMA parameters and the detector fitted on ``id_dataset`` by the evaluate mode.
@@ -144,8 +155,7 @@ def load_anomaly_scorer(workdir: str, id_dataset: str | None = None,
       settings than the workdir now holds (e.g. training went on after evaluate); the message
       names the command that refits it.
   """
-  workdir = os.path.abspath(workdir)
-  config = workdir_lib.load_config(workdir)
+  workdir, config = _open(workdir)
   id_dataset = id_dataset or config.eval.id_datasets[0]
   kind = kind or kinds_lib.default_method(config.eval.feature_kinds)
   path = workdir_lib.detector_path(workdir, id_dataset, kind)
@@ -195,8 +205,7 @@ def load_denoiser(workdir: str) -> tuple[Callable, ml_collections.ConfigDict]:
     converted model's timestep rescaling and learned-variance channels are handled inside), and
     the workdir's config.
   """
-  workdir = os.path.abspath(workdir)
-  config = workdir_lib.load_config(workdir)
+  workdir, config = _open(workdir)
   params, _ = checkpoint.restore_ema_params(workdir, config)
   model = unet.build_model(config)
   return jax.tree_util.Partial(model.apply, params), config
@@ -221,8 +230,7 @@ def load_feature_fn(workdir: str, kinds=('stein_ssim',)) -> Callable:
   """
   if isinstance(kinds, str):
     kinds = (kinds,)
-  workdir = os.path.abspath(workdir)
-  config = workdir_lib.load_config(workdir)
+  workdir, config = _open(workdir)
   scorer.check_scorer_config(config.scorer, tuple(kinds))
   params, _ = checkpoint.restore_ema_params(workdir, config)
   model = unet.build_model(config)
@@ -321,8 +329,7 @@ def anomaly_map_fn(workdir: str, timestep_weights=None, kind: str = 'stein_ssim'
     `build_anomaly_map_fn`), using the evaluate mode's noise key, so an image with the same id
     gets the trajectory noise the suite's features saw.
   """
-  workdir = os.path.abspath(workdir)
-  config = workdir_lib.load_config(workdir)
+  workdir, config = _open(workdir)
   if timestep_weights is None:
     path = workdir_lib.detector_path(workdir, id_dataset or config.eval.id_datasets[0], kind)
     if os.path.exists(path):

@@ -48,6 +48,7 @@ def validate_config(config: ml_collections.ConfigDict, mode: str = 'all') -> Non
   """
   from ddm_ood import kinds  # pylint: disable=g-import-not-at-top
   from ddm_ood import schedule  # pylint: disable=g-import-not-at-top
+  from ddm_ood import network  # pylint: disable=g-import-not-at-top
   from ddm_ood import unet  # pylint: disable=g-import-not-at-top
   d = config.data
   if int(d.image_size) <= 0:
@@ -67,6 +68,13 @@ def validate_config(config: ml_collections.ConfigDict, mode: str = 'all') -> Non
   if config.diffusion.schedule not in schedule.SCHEDULES:
     raise WorkdirError(f'Unknown config.diffusion.schedule {config.diffusion.schedule!r}; '
                        f'choose one of {schedule.SCHEDULES}.')
+  try:
+    network.check_precision(m['precision'])
+  except ValueError as e:
+    raise WorkdirError(f"{e} 'highest' = full float32 matmuls on GPU / TPU.") from e
+  if m['attention'] not in network.ATTENTION:
+    raise WorkdirError(f"config.model.attention={m['attention']!r} is not one of "
+                       f'{network.ATTENTION}.')
   if int(config.diffusion.num_timesteps) <= 0:
     raise WorkdirError('config.diffusion.num_timesteps must be positive, got '
                        f'{config.diffusion.num_timesteps}.')

@@ -52,6 +52,11 @@ def get_config() -> ml_collections.ConfigDict:
                                      # 'sample' (x0); converted to eps with the schedule.
   model.compute_dtype = 'auto'     # Activations: 'auto' (bfloat16 on TPU/GPU, float32 on CPU),
                                    # 'float32' or 'bfloat16'; parameters always float32.
+  model.precision = 'default'      # Matmul / conv precision of the network (ddm_ood/network.py):
+                                   # 'default' (GPU TF32, TPU bf16 passes), 'high' or 'highest'
+                                   # (full float32: ~5x the float32 scoring time on an H200).
+  model.attention = 'auto'         # 'auto' (cuDNN fused attention on a GPU in bf16 / fp16 where
+                                   # it runs, else XLA's), 'xla' or 'cudnn'.
   # family 'diffusers_unet2d': the fields of diffusers' UNet2DModel config.json, same names, its
   # defaults (written by `python -m ddm_ood.convert --diffusers=...`; any other key is refused).
   model.diffusers_unet2d = ml_collections.ConfigDict(dict(

@@ -33,6 +33,7 @@ from ddm_ood import detector
 from ddm_ood import kinds as kinds_lib
 from ddm_ood import map_study
 from ddm_ood import memory
+from ddm_ood import metric_writer
 from ddm_ood import metrics
 from ddm_ood import protocol
 from ddm_ood import provenance
@@ -115,6 +116,10 @@ class FeatureExtractor:
     settings['scorer'].pop('memory_budget_gb', None)
     if self.model.dtype != jnp.float32:  # only then, so existing float32 caches stay valid
       settings['compute_dtype'] = jnp.dtype(self.model.dtype).name
+    if self.model.precision != 'default':  # likewise
+      settings['precision'] = self.model.precision
+    if getattr(self.model, 'attention', 'xla') != 'xla':   # cuDNN's fused attention (GPU)
+      settings['attention'] = self.model.attention
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=list).encode()).hexdigest()
     return os.path.join(self.cache_dir, f'step_{self.step:08d}',
                         f'{safe_name(dataset)}__{split}__n{num}__{digest[:12]}.npz')
@@ -440,11 +445,10 @@ def _take(feats: dict[str, np.ndarray], rows: slice) -> dict[str, np.ndarray]:
 
 
 def _write_tensorboard(results: dict, workdir: str) -> None:
-  """AUROC / FPR95 per pair and method, and the averages, as TensorBoard scalars in the workdir
-  (`clu.metric_writers`, as the training metrics), at the checkpoint's step."""
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top  # imports TensorFlow
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0,
-                                                collection='eval')
+  """AUROC / FPR95 per pair and method, and the averages, as TensorBoard scalars in
+  ``workdir/eval`` (`metric_writer`, as the training metrics), at the checkpoint's step."""
+  writer = metric_writer.MetricWriter(
+      os.path.join(workdir, 'eval') if jax.process_index() == 0 else None, collection='eval')
   scalars = {}
   for r in results['rows']:
     for m in ('auroc', 'fpr95'):

@@ -56,6 +56,10 @@ _JOIN_TIMEOUT_DEFAULT_S = 300   # = sharding.DEFAULT_JOIN_TIMEOUT_S (sharding im
 _JOIN_TIMEOUT = flags.DEFINE_integer(
     'distributed_timeout_s', _JOIN_TIMEOUT_DEFAULT_S, 'Multi-process runs: seconds to wait for '
     'every process to join the job before stopping with an error.')
+_COMPILATION_CACHE = flags.DEFINE_string(
+    'compilation_cache', None, "JAX's persistent compilation cache: a folder, or 'off' (default: "
+    '$DDM_OOD_COMPILATION_CACHE, else $XDG_CACHE_HOME/ddm_ood/jax/<host>; see '
+    'ddm_ood/compile_cache.py).')
 flags.mark_flags_as_required(['workdir'])
 
 _DISTRIBUTED_FLAGS = ('coordinator_address', 'num_processes', 'process_id',
@@ -152,6 +156,7 @@ def _start_jax(error, config, distributed=None, exc=None) -> None:
     from ddm_ood import cpu_devices
     cpu_devices.configure(
         divides=(config.train.batch_size,) if _MODE.value in ('train', 'all') else ())
+  _use_compilation_cache()
   try:
     sharding.maybe_initialize_distributed(coordinator, num, pid, timeout)
   except ValueError as e:
@@ -170,7 +175,14 @@ def _score() -> None:
     _fail('--mode=score runs in one process; drop --coordinator_address.')
   args = score_files.check_args(_WORKDIR.value, _IMAGES.value, _OUT.value, _ID_DATASET.value,
                                 _KIND.value, _SKIP_BAD_FILES.value, _REFIT.value)
+  _use_compilation_cache()
   score_files.score_folder(args)
+
+
+def _use_compilation_cache() -> None:
+  """Every mode compiles through the persistent cache (a second start skips compilation)."""
+  from ddm_ood import compile_cache
+  compile_cache.configure(_COMPILATION_CACHE.value)
 
 
 # ------------------------------------------------------------------------ one line per mistake

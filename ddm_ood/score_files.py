@@ -181,6 +181,13 @@ def read_images(files, data_cfg, skip_bad_files: bool):
   return (np.stack(images) if images else np.zeros((0, size, size, c), np.float32)), skipped
 
 
+def default_batch_size(num_images: int, batch_size: int) -> int:
+  """Images per compiled call: ``config.scorer.batch_size``, or for a smaller folder the power
+  of two >= its size, so that a few files are not scored as a whole padded batch (at most
+  log2(batch_size) shapes, each compiled once and kept by the persistent compilation cache)."""
+  return max(1, min(int(batch_size), 1 << max(int(num_images) - 1, 0).bit_length()))
+
+
 def score_batches(score_fn, images: np.ndarray, batch_size: int) -> np.ndarray:
   """``score_fn`` over ``images`` [N, ...] in batches of ``batch_size`` -> [N] float32.
 
@@ -245,8 +252,8 @@ def score_folder(args: ScoreArgs, batch_size: int | None = None) -> dict:
 
   Args:
     args: from `check_args`.
-    batch_size: images per scorer call (default ``config.scorer.batch_size``); the scores do not
-      depend on it.
+    batch_size: images per scorer call (default `default_batch_size`); the scores do not depend
+      on it (to float32 rounding).
 
   Returns:
     ``{'scores': {file: score}, 'skipped': {file: reason}, 'threshold': float}``.
@@ -255,7 +262,7 @@ def score_folder(args: ScoreArgs, batch_size: int | None = None) -> dict:
   images, skipped = read_images(args.files, data.suite_data_config(args.config),
                                 args.skip_bad_files)
   good = [f for f in args.files if f not in skipped]
-  batch_size = int(batch_size or ood.config.scorer.batch_size)
+  batch_size = int(batch_size or default_batch_size(len(good), ood.config.scorer.batch_size))
   logging.info('score: %d files in %s (%d skipped), ID set %s, kind %s, step %d, FPR95 '
                'threshold %.6g', len(args.files), args.folder, len(skipped), args.id_dataset,
                args.kind, ood.step, args.threshold)

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from ddm_ood import diffusers_unet2d
+from ddm_ood import network
 from ddm_ood import schedule as schedule_lib
 from ddm_ood import settings
 from ddm_ood.layers import check_image_input
@@ -97,6 +98,7 @@ class AttnBlock(nn.Module):
   norm_eps: float = 1e-6
   dtype: Any = jnp.float32
   num_head_channels: int = 0  # > 0: heads = width // num_head_channels (num_heads ignored)
+  attention: str = 'xla'
 
   @nn.compact
   def __call__(self, x):
@@ -114,7 +116,7 @@ class AttnBlock(nn.Module):
                      name='norm')(x).reshape(b, h * w, c)
     qkv = nn.Dense(3 * c, dtype=self.dtype, name='qkv')(y).reshape(b, h * w, 3, heads, c // heads)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    y = jax.nn.dot_product_attention(q, k, v).reshape(b, h * w, c)
+    y = network.dot_product_attention(q, k, v, self.attention).reshape(b, h * w, c)
     y = nn.Dense(c, kernel_init=_zero_init, dtype=self.dtype, name='proj')(y)
     return x + y.reshape(b, h, w, c)
 
@@ -147,6 +149,7 @@ class UNet(nn.Module):
     dtype: compute dtype of activations (`resolve_compute_dtype`); parameters stay float32,
       GroupNorm statistics are float32 (flax computes them in at least float32) and the output
       is cast to float32.
+    attention: 'xla' or 'cudnn' (`network.resolve_attention`); the parameters do not depend on it.
   """
   channels: int = 3
   ch: int = 128
@@ -163,6 +166,7 @@ class UNet(nn.Module):
   resblock_updown: bool = False
   num_head_channels: int = 0
   dtype: Any = jnp.float32
+  attention: str = 'xla'
 
   @property
   def downsample_factor(self) -> int:
@@ -190,7 +194,8 @@ class UNet(nn.Module):
     res_kw = dict(dropout=self.dropout, num_groups=self.num_groups, norm_eps=self.norm_eps,
                   dtype=self.dtype)
     attn_kw = dict(num_heads=self.num_heads, num_groups=self.num_groups, norm_eps=self.norm_eps,
-                   dtype=self.dtype, num_head_channels=self.num_head_channels)
+                   dtype=self.dtype, num_head_channels=self.num_head_channels,
+                   attention=self.attention)
     width = lambda mult: int(mult * self.ch)  # noqa: E731  (guided-diffusion's int(mult * ch))
     h = nn.Conv(width(self.ch_mult[0]), (3, 3), dtype=self.dtype, name='conv_in')(x)
     skips = [h]
@@ -276,13 +281,15 @@ class EpsFromPrediction(nn.Module):
 def _build_adm(config: ml_collections.ConfigDict, dtype: Any) -> UNet:
   m = settings.section(config.model, 'model')
   scale = 1000.0 / config.diffusion.num_timesteps if m['rescale_timesteps'] else 1.0
+  backend = jax.default_backend()
   return UNet(channels=config.data.channels, ch=m['ch'], ch_mult=tuple(m['ch_mult']),
               num_res_blocks=m['num_res_blocks'], attn_resolutions=tuple(m['attn_resolutions']),
               num_heads=m['num_heads'], dropout=m['dropout'], num_groups=m['num_groups'],
               norm_eps=m['norm_eps'], learn_sigma=m['learn_sigma'],
               downsample_padding=m['downsample_padding'], timestep_scale=scale,
               resblock_updown=bool(m['resblock_updown']),
-              num_head_channels=int(m['num_head_channels']), dtype=dtype)
+              num_head_channels=int(m['num_head_channels']), dtype=dtype,
+              attention=network.resolve_attention(m['attention'], backend, dtype))
 
 
 def _adm_memory_shape(config: ml_collections.ConfigDict) -> dict:
@@ -310,7 +317,7 @@ def family(config: ml_collections.ConfigDict) -> NetworkFamily:
   return FAMILIES[name]
 
 
-def build_model(config: ml_collections.ConfigDict) -> nn.Module:
+def build_model(config: ml_collections.ConfigDict) -> network.Network:
   """Builds the network of ``config.model`` (its ``family``) for ``config.data.channels`` channels.
 
   ``config.diffusion.num_timesteps`` sets the ADM timestep scale when ``model.rescale_timesteps``;
@@ -319,8 +326,9 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
   Fields missing from an older workdir's config.json take their defaults.
 
   Returns:
-    A flax module: ``apply(params, x [B, H, W, C], t [B] int, train=False) -> eps``, with
-    ``channels`` and ``dtype`` attributes.
+    The family's flax module in `network.Network`: ``apply(params, x [B, H, W, C], t [B] int,
+    train=False) -> eps`` and ``init`` at ``model.precision`` (every matmul and convolution of
+    any family); every other attribute (``channels``, ``dtype``, ...) is the module's.
   """
   m = settings.section(config.model, 'model')
   if config.data.channels not in (1, 3):
@@ -334,7 +342,7 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
     d = settings.section(config.diffusion, 'diffusion')
     net = EpsFromPrediction(net, m['prediction_type'], (
         d['schedule'], int(d['num_timesteps']), float(d['beta_start']), float(d['beta_end'])))
-  return net
+  return network.Network(net, m['precision'])
 
 
 def init_params(model: nn.Module, key: jax.Array, image_size: int):

@@ -39,7 +39,7 @@ LOCK_FILE = '.lock'
 # training run and later evaluations).
 MODEL_FIELDS = ('data.image_size', 'data.channels', 'model', 'diffusion')
 # ... except these, which choose how the network is computed, not what it is.
-NON_MODEL_FIELDS = ('model.compute_dtype',)
+NON_MODEL_FIELDS = ('model.compute_dtype', 'model.precision', 'model.attention')
 
 
 # ------------------------------------------------------------------------ layout, I/O, RNG

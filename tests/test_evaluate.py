@@ -12,16 +12,19 @@ import pytest
 from ddm_ood import kinds
 from ddm_ood import protocol
 from tests import results_check
+from tests import train_helpers as h
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, 'configs', 'tiny.py')
+NO_TF_PIDS = '.no_tf_pids'   # beside the workdir: pids of the processes that had TF blocked
 
 
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory):
-  """A tiny run of the whole job (train + evaluate) through the CLI, as a user runs it."""
+  """A tiny run of the whole job (train + evaluate) through the CLI, as a user runs it, with
+  ``import tensorflow`` made to fail (TensorFlow is only for tfds: sources)."""
   wd = str(tmp_path_factory.mktemp('run'))
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env = h.subprocess_env(no_tf_marker=wd + NO_TF_PIDS)
   cmd = [sys.executable, '-m', 'ddm_ood.main', f'--config={TINY}', f'--workdir={wd}',
          '--config.eval.ood_datasets=("mnist","noise_gaussian","fashion_mnist")',
          '--config.scorer.t_min=25']
@@ -223,10 +226,10 @@ def test_features_are_cached(workdir):
 
 
 def test_evaluation_writes_tensorboard_scalars(workdir):
-  """Evaluate mode writes its AUROCs as TensorBoard scalars (clu) next to training's."""
+  """Evaluate mode writes its AUROCs as TensorBoard scalars next to training's."""
   import glob  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  from tensorboard.util import tensor_util  # pylint: disable=g-import-not-at-top
   res = json.load(open(os.path.join(workdir, 'eval', 'results.json')))
   files = glob.glob(os.path.join(workdir, 'eval', 'events.out.tfevents.*'))
   assert files, os.listdir(os.path.join(workdir, 'eval'))
@@ -237,13 +240,26 @@ def test_evaluation_writes_tensorboard_scalars(workdir):
   def value(tag):
     if tag in acc.Tags().get('scalars', []):
       return acc.Scalars(tag)[-1].value
-    return float(np.asarray(tf.make_ndarray(acc.Tensors(tag)[-1].tensor_proto)))
+    return float(np.asarray(tensor_util.make_ndarray(acc.Tensors(tag)[-1].tensor_proto)))
   for kind, avg in res['averages'].items():
     tag = f'eval/average_auroc/{kind}'
     assert tag in tags, (tag, tags[:5])
     assert abs(value(tag) - avg['auroc']) < 1e-6
   r = res['rows'][0]
   assert abs(value(f"eval/fpr95/{r['id']}/{r['ood']}/{r['kind']}") - r['fpr95']) < 1e-6
+
+
+def test_the_job_ran_without_tensorflow(workdir):
+  """The fixture's job ran with TensorFlow's import blocked and still wrote the training event
+  file with the same tags and steps (loss etc. every log_every step, steps/s after the first)."""
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  with open(workdir + NO_TF_PIDS) as f:
+    assert f.read().split()   # the blocker was loaded in the job's process(es)
+  acc = event_accumulator.EventAccumulator(workdir, size_guidance={event_accumulator.TENSORS: 0})
+  acc.Reload()
+  assert {'loss', 'grad_norm', 'lr', 'steps_per_sec', 'uptime'} <= set(acc.Tags()['tensors'])
+  assert [e.step for e in acc.Tensors('loss')] == [1, 2, 3, 4]   # configs/tiny.py: 4 steps
+  assert [e.step for e in acc.Tensors('steps_per_sec')] == [2, 3, 4]
 
 
 def test_zero_shot_choice_never_depends_on_the_ood_sets(workdir, tmp_path):

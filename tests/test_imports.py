@@ -9,9 +9,9 @@ import os
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'ddm_ood')
 # The pure core: functions of arrays and configs; no files, no logging of runs, no CLI.
-CORE = {'schedule', 'unet', 'layers', 'diffusers_unet2d', 'ssim', 'trajectory', 'kinds',
-        'settings', 'default_config', 'scorer', 'pixel_maps', 'inputs', 'features', 'metrics',
-        'detector', 'synthetic', 'localisation', 'complexity'}
+CORE = {'schedule', 'unet', 'layers', 'diffusers_unet2d', 'network', 'flops', 'ssim',
+        'trajectory', 'kinds', 'settings', 'default_config', 'scorer', 'pixel_maps', 'inputs',
+        'features', 'metrics', 'detector', 'synthetic', 'localisation', 'complexity'}
 
 
 def _modules() -> dict[str, str]:

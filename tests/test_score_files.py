@@ -52,10 +52,12 @@ def folder(run, tmp_path_factory):
   return str(root / 'mine'), str(good)
 
 
-def _main(*args):
+def _main(*args, env=None):
+  """``python -m ddm_ood.main *args`` with TensorFlow's import blocked (not needed to score)."""
   cmd = [sys.executable, '-m', 'ddm_ood.main', *args]
-  return subprocess.run(cmd, cwd=h.ROOT, env=h.subprocess_env(), capture_output=True, text=True,
-                        timeout=600)
+  return subprocess.run(cmd, cwd=h.ROOT, env={**h.subprocess_env(no_tf_marker=os.devnull),
+                                              **(env or {})},
+                        capture_output=True, text=True, timeout=600)
 
 
 def _read_csv(path):
@@ -119,6 +121,26 @@ def test_batch_size_does_not_change_scores(run, folder, tmp_path):
   assert len(a['scores']) == N_FILES - 1 and list(a['skipped']) == [os.path.join(folder[0], BAD)]
   np.testing.assert_allclose([a['scores'][f] for f in sorted(a['scores'])],
                              [b['scores'][f] for f in sorted(a['scores'])], rtol=1e-5, atol=1e-5)
+
+
+def test_second_start_loads_the_compiled_scorer_and_scores_bit_identically(run, folder,
+                                                                              tmp_path):
+  """--mode=score through a fresh persistent compilation cache, again (a hit, no compile), and
+  with the cache off: the same CSV byte for byte; off writes nothing."""
+  cache, env = tmp_path / 'cache', dict(JAX_LOG_COMPILES='1')
+  outs = []
+  for name, setting in (('first', cache), ('second', cache), ('off', 'off')):
+    outs.append(tmp_path / f'{name}.csv')
+    proc = _main('--mode=score', f'--workdir={run}', f'--images=folder:{folder[1]}',
+                 f'--out={outs[-1]}', f'--compilation_cache={setting}', env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    hit = "Persistent compilation cache hit for 'jit_anomaly_fn'" in proc.stderr
+    assert hit == (name == 'second'), name
+    if name == 'first':
+      entries = sorted(os.listdir(cache))
+      assert any(e.startswith('jit_anomaly_fn') for e in entries), entries
+  assert sorted(os.listdir(cache)) == entries
+  assert outs[0].read_bytes() == outs[1].read_bytes() == outs[2].read_bytes()
 
 
 def test_above_threshold_column():

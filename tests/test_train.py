@@ -202,7 +202,7 @@ def test_fashion_mnist_loss_decreases(tmp_path):
                                                        'steps_per_sec', 'time'}
   ema, step = checkpoint.restore_ema_params(str(tmp_path), config)
   assert step == 20 and all(np.all(np.isfinite(x)) for x in jax.tree.leaves(ema))
-  # The same losses as TensorBoard scalars (clu's writer) in the workdir, plus clu's steps/s.
+  # The same losses as TensorBoard scalars in the workdir (metric_writer), plus steps/s.
   tb_loss = _tensorboard_scalars(str(tmp_path), 'loss')
   assert sorted(tb_loss) == list(range(1, 21))
   np.testing.assert_allclose([tb_loss[s] for s in range(1, 21)], losses, rtol=1e-6)

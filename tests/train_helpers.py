@@ -25,10 +25,18 @@ def load_config(name):
   return module.get_config()
 
 
-def subprocess_env(extra_xla='', cache_dir=None):
+NO_TENSORFLOW = os.path.join(ROOT, 'tests', 'no_tensorflow')
+
+
+def subprocess_env(extra_xla='', cache_dir=None, no_tf_marker=None):
   """Environment for a CPU subprocess; ``cache_dir``: JAX's persistent compilation cache, so
-  reruns of the same program (resume tests) skip compilation."""
+  reruns of the same program (resume tests) skip compilation; ``no_tf_marker``: a file path:
+  ``import tensorflow`` fails in the subprocess (tests/no_tensorflow/sitecustomize.py), which
+  appends its pid to that file."""
   env = dict(os.environ)
+  if no_tf_marker:
+    env.update(DDM_OOD_TEST_NO_TF_MARKER=str(no_tf_marker),
+               PYTHONPATH=NO_TENSORFLOW + os.pathsep + env.get('PYTHONPATH', ''))
   if cache_dir:
     env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.5')

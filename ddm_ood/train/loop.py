@@ -1,8 +1,9 @@
 """The training shell: resume, the step loop, checkpoints, SIGTERM, metrics and sample grids.
 
-Metrics go through `clu.metric_writers` (TensorBoard event files in the workdir plus the log) and
-progress (steps/s, ETA) through `clu.periodic_actions.ReportProgress`; ``metrics.jsonl`` is kept
-for the report's loss plot and is truncated to the restored step on resume.
+Metrics go through `metric_writer.MetricWriter` (TensorBoard event files in the workdir plus
+the log; no TensorFlow) and progress (steps/s, ETA) through `metric_writer.ProgressReporter`;
+``metrics.jsonl`` is kept for the report's loss plot and is truncated to the restored step on
+resume.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from ddm_ood import checkpoint as ckpt_lib
+from ddm_ood import metric_writer
 from ddm_ood import sampling
 from ddm_ood import schedule as schedule_lib
 from ddm_ood import sharding
@@ -226,12 +228,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  stream.images.shape[0], config.data.dataset, stream.steps_per_epoch, start,
                  num_steps)
     train_step = step_lib.make_train_step(model, sched, tc, mesh)
-    # clu's writers import TensorFlow (seconds): only once training is about to run.
-    from clu import metric_writers  # pylint: disable=g-import-not-at-top
-    from clu import periodic_actions  # pylint: disable=g-import-not-at-top
-    writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
-    report_progress = periodic_actions.ReportProgress(
-        num_train_steps=num_steps, writer=writer, every_steps=int(tc.log_every)) if is_main else None
+    writer = metric_writer.MetricWriter(workdir if is_main else None)
+    report_progress = metric_writer.ProgressReporter(
+        num_steps, writer, every_steps=int(tc.log_every)) if is_main else None
     try:
       return _loop(config, workdir, state, stream, train_step, manager, mesh, model, writer,
                    report_progress)
