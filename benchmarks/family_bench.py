@@ -25,9 +25,9 @@ Timed, interleaved for ``--rounds`` rounds after a warm-up (medians reported):
 * ``torch_diffpath``: the same K-step inversion with guided-diffusion's own
   ``SpacedDiffusion('ddimK').ddim_reverse_sample`` (clip_denoised), as DiffPath scores.
 
-Also: the network's GFLOP per image (XLA's cost analysis of the forward), the measured matmul rate
-of the same device in the compute dtype (8192^2 bfloat16 on accelerators, 2048^2 float32 on CPU)
-and each side's achieved fraction of it, compile times, the peak RSS of this process and the
+Also: the network's GFLOP per image (`ddm_ood.flops.count_flops`, the one FLOP count), the
+measured matmul peak of the same device (`benchmarks/peak.py`: bfloat16 8192^3 on accelerators,
+float32 2048^2 on CPU) and each side's achieved fraction of it, compile times, the peak RSS of this process and the
 device's peak memory. Not a test: compare only figures of one run.
 """
 
@@ -44,21 +44,14 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-
-def matmul_rate(dtype, n: int, reps: int = 10) -> float:
-  """FLOP/s of a jitted n x n matmul in ``dtype`` on the default device."""
-  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
-  mm = jax.jit(lambda a: a @ a)
-  jax.block_until_ready(mm(a))
-  t = time.perf_counter()
-  for _ in range(reps):
-    out = mm(a)
-  jax.block_until_ready(out)
-  return 2 * n ** 3 * reps / (time.perf_counter() - t)
+import peak as peak_lib  # noqa: E402
+from ddm_ood import flops as flops_lib  # noqa: E402
 
 
 def images(n: int, size: int) -> np.ndarray:
@@ -177,9 +170,7 @@ def main(argv=None) -> None:
   sched = schedule_lib.schedule_for(config.diffusion)
   t_mid = jnp.full((args.batch,), config.diffusion.num_timesteps // 2, jnp.int32)
   forward = jax.jit(model.apply)
-  lowered = forward.lower(params, xj[:1], t_mid[:1])
-  cost = lowered.cost_analysis() or {}
-  flop_per_image = float(cost.get('flops', float('nan')))
+  flop_per_image = flops_lib.count_flops(model.apply, params, xj[:1], t_mid[:1])
   report['network_gflop_per_image'] = round(flop_per_image / 1e9, 1)
   t0 = time.perf_counter()
   jax.block_until_ready(forward(params, xj, t_mid))
@@ -196,14 +187,13 @@ def main(argv=None) -> None:
   if tmodel is not None:
     fns.update(torch_side(args, config, tmodel, x, report, forward(params, xj, t_mid)))
   secs = time_rounds(fns, args.rounds)
-  peak = matmul_rate(jnp.float32 if backend == 'cpu' else jnp.bfloat16,
-                     2048 if backend == 'cpu' else 8192)
-  report['matmul_tflops'] = round(peak / 1e12, 3)
+  peak = peak_lib.matmul_peak()
+  report.update(peak)
   for name, sec in secs.items():
     evals = args.num_steps if name.endswith(('scorer', 'diffpath')) else 1
     report[f'{name}_images_per_s'] = round(args.batch / sec, 3)
-    report[f'{name}_fraction_of_matmul'] = round(
-        evals * args.batch * flop_per_image / sec / peak, 3)
+    report[f'{name}_fraction_of_peak'] = round(
+        peak_lib.rates(evals * args.batch * flop_per_image, sec, peak)['fraction_of_peak'], 3)
   if 'torch_diffpath' in secs:
     report['scorer_speedup_vs_torch'] = round(secs['torch_diffpath'] / secs['ddm_ood_scorer'], 2)
     report['forward_speedup_vs_torch'] = round(secs['torch_forward'] / secs['ddm_ood_forward'], 2)

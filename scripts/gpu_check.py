@@ -11,7 +11,9 @@ remaining budget is skipped and reported as such):
 3. ``train_bench``: the CelebA-size train step at batch 128 (benchmarks/train_bench.py: FLOPs
    from ddm_ood.flops, fraction of the measured bf16 matmul peak).
 4. ``scorer_bench_ddim``: the CelebA-size DiffPath scorer (ddim10) at batch 512 in float32 at
-   'highest', float32 and bf16 (benchmarks/scorer_bench.py --throughput).
+   'highest', float32 and bf16 (benchmarks/scorer_bench.py --throughput); then ``family_bench``:
+   guided-diffusion's 256x256 model in ddm_ood vs its own PyTorch code (benchmarks/family_bench.py,
+   when .peers/guided-diffusion holds its code).
 5. Extras while time remains, in this order: ``precision`` (the fixture's error against the
    official statistics at every ``config.model.precision``), the train step with XLA's attention
    instead of cuDNN's, ``--mode=score`` start-up cold vs warm (benchmarks/startup_bench.py) and
@@ -194,6 +196,15 @@ def main() -> None:
                             '--variants=compute_dtype=float32,precision=highest;'
                             'compute_dtype=float32,precision=default;'
                             'compute_dtype=bfloat16,precision=default'], 150, 60, env)
+
+  # 4b. Issue 22: guided-diffusion's 552M 256x256 model in ddm_ood vs its own PyTorch code
+  # (its code in the ignored folder .peers/guided-diffusion; skipped without it).
+  guided = os.path.join(ROOT, '.peers', 'guided-diffusion')
+  if os.path.isdir(guided):
+    size = (['--num_channels=32', '--batch=2', '--num_steps=2'] if REDUCED else
+            ['--batch=8', '--num_steps=10'])
+    run('family_bench', [py, 'benchmarks/family_bench.py', f'--guided_dir={guided}', *size,
+                         '--rounds=1'], 150, 90, env)
 
   # 5. Extras, most useful first.
   run('precision', [py, os.path.join('scripts', 'gpu_check.py'), '--precision_report'], 90, 40,
