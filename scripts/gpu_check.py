@@ -172,7 +172,7 @@ def main() -> None:
   workdir = os.path.join(work, 'main_job')
   job, text = run('main_job', [py, '-m', 'ddm_ood.main', f'--config={MAIN_CONFIG}',
                                f'--workdir={workdir}', '--alsologtostderr',
-                               *(REDUCED_MAIN_JOB if REDUCED else ())], 270, 120, env,
+                               *(REDUCED_MAIN_JOB if REDUCED else ())], 330, 120, env,
                   parse_json=False)
   if job is not None:
     job['phases'] = main_job_phases(text)
