@@ -55,8 +55,10 @@ def get_config() -> ml_collections.ConfigDict:
   model.precision = 'default'      # Matmul / conv precision of the network (ddm_ood/network.py):
                                    # 'default' (GPU TF32, TPU bf16 passes), 'high' or 'highest'
                                    # (full float32: ~5x the float32 scoring time on an H200).
-  model.attention = 'auto'         # 'auto' (cuDNN fused attention on a GPU in bf16 / fp16 where
-                                   # it runs, else XLA's), 'xla' or 'cudnn'.
+  model.attention = 'xla'          # 'xla', 'cudnn' or 'auto' (cuDNN's fused attention on a GPU
+                                   # in bf16 / fp16 where it runs, else XLA's). XLA's stays the
+                                   # default until cuDNN's is measured faster in one run
+                                   # (docs/benchmarks.md).
   # family 'diffusers_unet2d': the fields of diffusers' UNet2DModel config.json, same names, its
   # defaults (written by `python -m ddm_ood.convert --diffusers=...`; any other key is refused).
   model.diffusers_unet2d = ml_collections.ConfigDict(dict(

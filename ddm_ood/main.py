@@ -149,14 +149,14 @@ def _start_jax(error, config, distributed=None, exc=None) -> None:
   from ddm_ood import sharding
   if error and not ((coordinator and (num or 0) > 1) or sharding.multi_host_environment()):
     _fail(error, exc)
-  if error is None:
+  if error is None:  # (a process that only joins to stop: its flags may be unparsed)
     from ddm_ood import host_malloc
     logging.info(host_malloc.describe())
-  if not coordinator and error is None:  # one process: every core a device (before JAX starts)
-    from ddm_ood import cpu_devices
-    cpu_devices.configure(
-        divides=(config.train.batch_size,) if _MODE.value in ('train', 'all') else ())
-  _use_compilation_cache()
+    if not coordinator:  # one process: every core a device (before JAX starts)
+      from ddm_ood import cpu_devices
+      cpu_devices.configure(
+          divides=(config.train.batch_size,) if _MODE.value in ('train', 'all') else ())
+    _use_compilation_cache()
   try:
     sharding.maybe_initialize_distributed(coordinator, num, pid, timeout)
   except ValueError as e:

@@ -7,8 +7,9 @@ each primitive's precision), gets the same `jax.lax.Precision`; no layer needs t
 other attribute is the module's (``net.channels``, ``net.dtype``, ...).
 
 Attention layers of any family call `dot_product_attention` with the implementation that
-`resolve_attention` chose from ``config.model.attention``: 'auto' = cuDNN's fused (flash)
-attention on a GPU in bfloat16 / float16 where it compiles and runs there, else XLA's.
+`resolve_attention` chose from ``config.model.attention``: 'xla' (the default), 'cudnn', or
+'auto' = cuDNN's fused (flash) attention on a GPU in bfloat16 / float16 where it compiles and runs
+there, else XLA's.
 
 On the CPU the precision setting changes nothing (XLA:CPU computes float32 matmuls in float32
 either way; tested bit-identical). On GPUs and TPUs float32 matmuls and convolutions run at

@@ -14,10 +14,11 @@ remaining budget is skipped and reported as such):
    'highest', float32 and bf16 (benchmarks/scorer_bench.py --throughput); then ``family_bench``:
    guided-diffusion's 256x256 model in ddm_ood vs its own PyTorch code (benchmarks/family_bench.py,
    when .peers/guided-diffusion holds its code).
-5. Extras while time remains, in this order: ``precision`` (the fixture's error against the
-   official statistics at every ``config.model.precision``), the train step with XLA's attention
-   instead of cuDNN's, ``--mode=score`` start-up cold vs warm (benchmarks/startup_bench.py) and
-   the seed method's scorer (forward, stein_ssim) in bf16.
+5. Extras while time remains, in this order: the train step with cuDNN's attention
+   (``attention='auto'``) instead of XLA's (the default), ``precision`` (the fixture's error
+   against the official statistics at every ``config.model.precision``), ``--mode=score``
+   start-up cold vs warm (benchmarks/startup_bench.py) and the seed method's scorer (forward,
+   stein_ssim) in bf16.
 
 Writes $OUT/summary.json (every stage's JSON, wall times, status) and $OUT/gpu_check.log.
 ``DDM_OOD_GPU_CHECK_REDUCED=1`` runs the same stages at toy sizes (the CPU dry run);
@@ -207,11 +208,11 @@ def main() -> None:
                          '--rounds=1'], 150, 90, env)
 
   # 5. Extras, most useful first.
+  run('train_bench_cudnn_attention', [py, 'benchmarks/train_bench.py', *celeba,
+                                      f'--config.train.batch_size={batch}', f'--steps={steps}',
+                                      '--config.model.attention=auto'], 150, 90, env)
   run('precision', [py, os.path.join('scripts', 'gpu_check.py'), '--precision_report'], 90, 40,
       env)
-  run('train_bench_xla_attention', [py, 'benchmarks/train_bench.py', *celeba,
-                                    f'--config.train.batch_size={batch}', f'--steps={steps}',
-                                    '--config.model.attention=xla'], 150, 90, env)
   if job is not None and job['status'] == 'ok':
     run('score_startup', [py, 'benchmarks/startup_bench.py', f'--workdir={workdir}',
                           '--images=1', '--rounds=1', '--runs=cold,warm'], 120, 60, env)

@@ -40,7 +40,8 @@ import train_helpers as h
 _DETERMINISTIC_XLA = '--xla_cpu_multi_thread_eigen=false'
 _OVERRIDES = ('--config.train.num_steps=4', '--config.train.checkpoint_every=2',
               "--config.eval.feature_kinds=('stein_ssim','diffpath_6d')",  # forward + DDIM scan
-              "--config.eval.ood_datasets=('noise_gaussian',)")
+              "--config.eval.ood_datasets=('noise_gaussian',)",
+              '--config.eval.near_ood_pairs=()')
 _TIMEOUT_S = 400
 
 
@@ -167,14 +168,15 @@ def test_two_processes_match_one_process(runs):
   assert sorted(feats_m) == sorted(feats_s) and len(feats_m) == 4, (feats_m, feats_s)
   assert any('__synthetic' in name for name in feats_m), feats_m
   others = _npz_files(multi, 'eval/detectors/*.npz') | _npz_files(multi, 'eval/scores.npz')
-  assert len(others) == 4, others  # detectors of stein_ssim, its @published variant, diffpath_6d
+  # Detectors of stein_ssim, its @published variant, diffpath_6d and zero_shot; the scores.
+  assert len(others) == 5, others
   for rel, path in {**feats_m, **others}.items():
     _assert_npz_equal(path, os.path.join(single, rel))
   with open(os.path.join(multi, 'eval', 'results.json')) as f:
     rows_m = json.load(f)['rows']
   with open(os.path.join(single, 'eval', 'results.json')) as f:
     rows_s = json.load(f)['rows']
-  assert len(rows_m) == 3 and rows_m == rows_s
+  assert len(rows_m) == 4 and rows_m == rows_s
   # Process 0's results.csv, results.md and report.md tables hold those rows and the saved scores.
   results_check.check_run_outputs(multi)
 

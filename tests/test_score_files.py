@@ -24,7 +24,8 @@ def run(tmp_path_factory):
   wd = str(tmp_path_factory.mktemp('run'))
   proc = _main(f'--config={os.path.join(h.ROOT, "configs", "tiny.py")}', f'--workdir={wd}',
                '--config.eval.feature_kinds=("stein_ssim",)',
-               '--config.eval.ood_datasets=("noise_gaussian",)')
+               '--config.eval.ood_datasets=("noise_gaussian",)',
+               '--config.eval.near_ood_pairs=()')
   assert proc.returncode == 0, proc.stderr[-4000:]
   return wd
 
@@ -112,8 +113,8 @@ def test_cli_skip_bad_files_writes_one_row_per_file(run, folder, tmp_path):
 def test_batch_size_does_not_change_scores(run, folder, tmp_path):
   args = score_files.check_args(run, f'folder:{folder[0]}', str(tmp_path / 'a.csv'),
                                 skip_bad_files=True)
-  assert (args.id_dataset, args.kind) == ('fashion_mnist', 'stein_ssim')  # the defaults
-  id_scores = np.load(os.path.join(run, 'eval', 'scores.npz'))['fashion_mnist|stein_ssim|id']
+  assert (args.id_dataset, args.kind) == ('fashion_mnist', 'zero_shot')  # the defaults
+  id_scores = np.load(os.path.join(run, 'eval', 'scores.npz'))['fashion_mnist|zero_shot|id']
   assert id_scores.size == 32  # config.eval.num_test: the 31st smallest keeps 31/32 >= 95%
   assert args.threshold == np.sort(id_scores)[30]
   a = score_files.score_folder(args, batch_size=4)   # 6 good files: the last batch padded
@@ -164,7 +165,8 @@ def test_bad_flags_and_unevaluated_workdir(run, folder, tmp_path):
     score_files.check_args(run, f'folder:{tmp_path}', out)
   with pytest.raises(score_files.ScoreError,
                      match=r'--kind=diffpath_1d .*has: --id_dataset=fashion_mnist '
-                     r'--kind=stein_ssim, --id_dataset=fashion_mnist --kind=stein_ssim@published\)'):
+                     r'--kind=stein_ssim, --id_dataset=fashion_mnist --kind=stein_ssim@published, '
+                     r'--id_dataset=fashion_mnist --kind=zero_shot\)'):
     score_files.check_args(run, images, out, kind='diffpath_1d')
   trained_only = str(tmp_path / 'trained_only')
   shutil.copytree(run, trained_only, ignore=shutil.ignore_patterns('eval', '.lock'))
