@@ -133,7 +133,8 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> N
 
   Raises:
     CheckpointWriteError: the disk has less free space than the save needs (see
-      `_check_free_space`), or the write failed (no space, read-only); the message names the newest finished checkpoint.
+      `_check_free_space`), or the write failed (no space, read-only); the message names the
+      newest finished checkpoint.
   """
   wait_until_finished(manager)   # as Orbax's save would: the previous save's space is taken
   _check_free_space(manager, step, state)
