@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from ddm_ood import network
 from ddm_ood import settings
 from ddm_ood.layers import ACTIVATIONS
 from ddm_ood.layers import check_image_input
@@ -119,6 +120,7 @@ class Attention(nn.Module):
   eps: float
   rescale: float = 1.0
   dtype: Any = jnp.float32
+  attention: str = 'xla'   # `network.dot_product_attention`'s implementation
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -133,7 +135,7 @@ class Attention(nn.Module):
     q = split(nn.Dense(c, dtype=self.dtype, name='to_q')(y))
     k = split(nn.Dense(c, dtype=self.dtype, name='to_k')(y))
     v = split(nn.Dense(c, dtype=self.dtype, name='to_v')(y))
-    y = jax.nn.dot_product_attention(q, k, v).reshape(b, hh * ww, c)
+    y = network.dot_product_attention(q, k, v, self.attention).reshape(b, hh * ww, c)
     y = nn.Dense(c, dtype=self.dtype, name='to_out_0')(y).reshape(b, hh, ww, c)
     out = y + x
     return out / self.rescale if self.rescale != 1 else out
@@ -170,6 +172,7 @@ class _Block(nn.Module):
   downsample_padding: int
   output_scale_factor: float = 1.0
   dtype: Any = jnp.float32
+  attention: str = 'xla'
 
   def _resnet(self, name: str, updown: str = '') -> Resnet:
     return Resnet(self.out_ch, self.groups, self.eps, self.time_scale_shift, self.act_fn,
@@ -177,7 +180,7 @@ class _Block(nn.Module):
 
   def _attention(self, name: str) -> Attention:
     return Attention(self.heads, self.attn_groups, self.eps, self.output_scale_factor,
-                     self.dtype, name=name)
+                     self.dtype, self.attention, name=name)
 
   @nn.compact
   def __call__(self, h, temb, skips: list, train: bool):
@@ -241,6 +244,7 @@ class DiffusersUNet2D(nn.Module):
   add_attention: bool = True
   num_train_timesteps: int = 0
   dtype: Any = jnp.float32
+  attention: str = 'xla'   # 'xla' or 'cudnn' (`network.resolve_attention`); not in config.json
 
   def check_config(self) -> None:
     """Raises ValueError naming every field this module does not compute as diffusers does."""
@@ -262,7 +266,8 @@ class DiffusersUNet2D(nn.Module):
       x = 2 * x - 1.0
     kw = dict(groups=self.norm_num_groups, eps=self.norm_eps,
               time_scale_shift=self.resnet_time_scale_shift, act_fn=self.act_fn,
-              dropout=self.dropout, downsample_padding=self.downsample_padding, dtype=self.dtype)
+              dropout=self.dropout, downsample_padding=self.downsample_padding, dtype=self.dtype,
+              attention=self.attention)
     ch0 = self.block_out_channels[0]
     if self.time_embedding_type == 'learned':
       t_emb = nn.Embed(self.num_train_timesteps, ch0, name='time_proj')(jnp.asarray(t, jnp.int32))
@@ -349,7 +354,8 @@ def _fields(config: ml_collections.ConfigDict) -> dict:
   return {**defaults, **given}
 
 
-def build(config: ml_collections.ConfigDict, dtype: Any) -> DiffusersUNet2D:
+def build(config: ml_collections.ConfigDict, dtype: Any,
+          attention: str = 'xla') -> DiffusersUNet2D:
   """`DiffusersUNet2D` of ``config.model.diffusers_unet2d`` for ``config.data.channels``."""
   f = _fields(config)
   if int(f['in_channels']) != int(config.data.channels):
@@ -358,7 +364,8 @@ def build(config: ml_collections.ConfigDict, dtype: Any) -> DiffusersUNet2D:
   tuples = ('down_block_types', 'up_block_types', 'block_out_channels')
   kw = {k: (tuple(v) if k in tuples else v) for k, v in f.items()
         if k not in ('sample_size', 'in_channels')}
-  net = DiffusersUNet2D(channels=int(config.data.channels), dtype=dtype, **kw)
+  net = DiffusersUNet2D(channels=int(config.data.channels), dtype=dtype, attention=attention,
+                        **kw)
   net.check_config()
   return net
 

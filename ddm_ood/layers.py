@@ -26,13 +26,15 @@ class NetworkFamily:
 
   Attributes:
     name: the ``config.model.family`` value.
-    build: ``(config, compute dtype) -> flax module`` for ``config.model`` / ``config.data``.
+    build: ``(config, compute dtype, attention) -> flax module`` for ``config.model`` /
+      ``config.data``; ``attention`` ('xla' or 'cudnn', `network.resolve_attention`) is what
+      every attention layer passes to `network.dot_product_attention`.
     memory_shape: ``config -> kwargs of memory.unet_state_bytes`` (ch, ch_mult, num_res_blocks,
       attn_resolutions, num_heads, num_head_channels): the UNet shape the memory plan assumes.
     doc: one line for the README and error messages.
   """
   name: str
-  build: Callable[[ml_collections.ConfigDict, Any], nn.Module]
+  build: Callable[[ml_collections.ConfigDict, Any, str], nn.Module]
   memory_shape: Callable[[ml_collections.ConfigDict], dict]
   doc: str
 

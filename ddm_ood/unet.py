@@ -278,10 +278,9 @@ class EpsFromPrediction(nn.Module):
                                           self.prediction_type)
 
 
-def _build_adm(config: ml_collections.ConfigDict, dtype: Any) -> UNet:
+def _build_adm(config: ml_collections.ConfigDict, dtype: Any, attention: str) -> UNet:
   m = settings.section(config.model, 'model')
   scale = 1000.0 / config.diffusion.num_timesteps if m['rescale_timesteps'] else 1.0
-  backend = jax.default_backend()
   return UNet(channels=config.data.channels, ch=m['ch'], ch_mult=tuple(m['ch_mult']),
               num_res_blocks=m['num_res_blocks'], attn_resolutions=tuple(m['attn_resolutions']),
               num_heads=m['num_heads'], dropout=m['dropout'], num_groups=m['num_groups'],
@@ -289,7 +288,7 @@ def _build_adm(config: ml_collections.ConfigDict, dtype: Any) -> UNet:
               downsample_padding=m['downsample_padding'], timestep_scale=scale,
               resblock_updown=bool(m['resblock_updown']),
               num_head_channels=int(m['num_head_channels']), dtype=dtype,
-              attention=network.resolve_attention(m['attention'], backend, dtype))
+              attention=attention)
 
 
 def _adm_memory_shape(config: ml_collections.ConfigDict) -> dict:
@@ -333,8 +332,10 @@ def build_model(config: ml_collections.ConfigDict) -> network.Network:
   m = settings.section(config.model, 'model')
   if config.data.channels not in (1, 3):
     raise ValueError(f'config.data.channels must be 1 or 3, got {config.data.channels}.')
-  net = family(config).build(config, resolve_compute_dtype(m['compute_dtype'],
-                                                           jax.default_backend()))
+  backend = jax.default_backend()
+  dtype = resolve_compute_dtype(m['compute_dtype'], backend)
+  net = family(config).build(config, dtype,
+                             network.resolve_attention(m['attention'], backend, dtype))
   if m['prediction_type'] != 'epsilon':
     if m['prediction_type'] not in schedule_lib.PREDICTION_TYPES:
       raise ValueError(f"Unknown config.model.prediction_type {m['prediction_type']!r}; choose "

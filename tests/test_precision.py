@@ -98,3 +98,14 @@ def test_attention_setting_on_the_cpu():
     network.resolve_attention('flash', 'cpu', jnp.float32)
   config = h.load_config('tiny')
   assert unet.build_model(config).attention == 'xla'
+
+
+def test_every_family_gets_the_resolved_attention(monkeypatch):
+  """`build_model` resolves config.model.attention once and hands it to the family: the ADM UNet
+  and diffusers' UNet2DModel (whose attention layers call `network.dot_product_attention`)."""
+  from ddm_ood.importers import diffusers_snapshot  # pylint: disable=g-import-not-at-top
+  from tests import test_families  # pylint: disable=g-import-not-at-top
+  diffusers_config, _ = diffusers_snapshot.load(test_families.DDPM, None)
+  monkeypatch.setattr(network, 'resolve_attention', lambda name, backend, dtype: 'cudnn')
+  for config in (h.load_config('tiny'), diffusers_config):  # built, not traced (no GPU here)
+    assert unet.build_model(config).attention == 'cudnn', config.model.family
