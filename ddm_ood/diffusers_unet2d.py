@@ -20,7 +20,6 @@ Supported: block types `DOWN_BLOCK_TYPES` / `UP_BLOCK_TYPES`, ``mid_block_type``
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Any, Sequence
 
@@ -36,6 +35,7 @@ from ddm_ood.layers import check_image_input
 from ddm_ood.layers import GroupNorm
 from ddm_ood.layers import NetworkFamily
 from ddm_ood.layers import resample
+from ddm_ood.layers import timestep_embedding
 
 DOWN_BLOCK_TYPES = ('DownBlock2D', 'AttnDownBlock2D')
 UP_BLOCK_TYPES = ('UpBlock2D', 'AttnUpBlock2D')
@@ -61,21 +61,6 @@ def torch_name(flax_path: Sequence[str]) -> str:
   leaf = flax_path[-1]
   parts.append('bias' if leaf == 'bias' else 'weight')
   return '.'.join(parts)
-
-
-def timestep_embedding(t: jax.Array, dim: int, flip_sin_to_cos: bool, freq_shift: float,
-                       max_period: float = 10000.0) -> jax.Array:
-  """diffusers' ``get_timestep_embedding``: t [B] -> [B, dim] float32, in its operation order."""
-  half = dim // 2
-  exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32)
-  exponent = exponent / (half - freq_shift)
-  args = jnp.asarray(t, jnp.float32)[:, None] * jnp.exp(exponent)[None]
-  emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
-  if flip_sin_to_cos:
-    emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
-  if dim % 2:
-    emb = jnp.pad(emb, ((0, 0), (0, 1)))
-  return emb
 
 
 class Resnet(nn.Module):

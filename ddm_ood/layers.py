@@ -42,6 +42,25 @@ class NetworkFamily:
 COMPUTE_DTYPES = ('auto', 'float32', 'bfloat16')
 
 
+def timestep_embedding(t: jax.Array, dim: int, flip_sin_to_cos: bool = True,
+                       freq_shift: float = 0.0, max_period: float = 10000.0) -> jax.Array:
+  """Sinusoidal embedding of timesteps t [B] (int or float) -> [B, dim] float32.
+
+  diffusers' ``get_timestep_embedding`` in its operation order; the defaults (cos first, no
+  frequency shift) are improved-diffusion's / guided-diffusion's ``timestep_embedding``.
+  """
+  half = dim // 2
+  exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32)
+  exponent = exponent / (half - freq_shift)
+  args = jnp.asarray(t, jnp.float32)[:, None] * jnp.exp(exponent)[None]
+  emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+  if flip_sin_to_cos:
+    emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
 def resolve_compute_dtype(name: str, backend: str) -> Any:
   """config.model.compute_dtype -> a jnp dtype: 'auto' = bfloat16 on TPU/GPU, float32 on CPU."""
   if name not in COMPUTE_DTYPES:

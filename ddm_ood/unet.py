@@ -19,7 +19,6 @@ GroupNorm only (no BatchNorm): a sample's output never depends on the rest of it
 
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -37,17 +36,7 @@ from ddm_ood.layers import GroupNorm
 from ddm_ood.layers import NetworkFamily
 from ddm_ood.layers import resample
 from ddm_ood.layers import resolve_compute_dtype
-
-
-def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
-  """Sinusoidal embedding of timesteps t [B] (int or float) -> [B, dim] float32."""
-  half = dim // 2
-  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-  args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None]
-  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
-  if dim % 2:
-    emb = jnp.pad(emb, ((0, 0), (0, 1)))
-  return emb
+from ddm_ood.layers import timestep_embedding
 
 
 _zero_init = nn.initializers.zeros
