@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Mapping
 
 from absl import logging
 import jax
@@ -111,9 +111,8 @@ class FeatureExtractor:
     for k in ('beta_start', 'beta_end'):  # likewise for diffusion fields at their defaults
       if settings['diffusion'].get(k) == settings_lib.section(None, 'diffusion')[k]:
         settings['diffusion'].pop(k)
-    settings['scorer'].pop('batch_size', None)  # results do not depend on it
-    settings['scorer'].pop('chunk', None)
-    settings['scorer'].pop('memory_budget_gb', None)
+    for field in provenance.NOT_RESULTS:  # results do not depend on them
+      settings['scorer'].pop(field.split('.', 1)[1], None)
     if self.model.dtype != jnp.float32:  # only then, so existing float32 caches stay valid
       settings['compute_dtype'] = jnp.dtype(self.model.dtype).name
     if self.model.precision != 'default':  # likewise
@@ -178,24 +177,16 @@ class FeatureExtractor:
     corruptions = tuple(self.config.select.corruptions)
     per_image = int(settings_lib.section(self.config.select, 'select')['anomalies_per_image'])
 
-    def anomalies():
+    def compute():
       images = self.images(dataset, 'train', start + num)
       images = images[self.index(dataset, 'train', start + num) >= start]
-      return synthetic.make_anomalies(images, self.config.seed, corruptions, per_image)
-
-    def compute():
-      images, which = anomalies()
-      out = self.features_of(images, label=f'{dataset}/synthetic')
+      images, which = synthetic.make_anomalies(images, self.config.seed, corruptions, per_image)
+      out = self.features_of(images, label=f'{dataset}/synthetic')  # complexity included
       out['corruption'] = which
       return out
-    # Version 1 (six corruptions, one per image) keeps the key of the caches written then.
-    key = [start, corruptions] + ([per_image, synthetic.VERSION]
-                                  if (per_image, synthetic.VERSION) != (1, 1) else [])
+    key = [start, corruptions, per_image, synthetic.VERSION]
     tag = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:8]
-    out = self._cached(self._cache_path(dataset, f'synthetic{tag}', num), compute)
-    if COMPLEXITY_KEY not in out:
-      out[COMPLEXITY_KEY] = self.complexity_of(anomalies()[0])
-    return out
+    return self._cached(self._cache_path(dataset, f'synthetic{tag}', num), compute)
 
   def _cached(self, path: str, compute) -> dict[str, np.ndarray]:
     path = path if self.cache_dir else ''
@@ -359,11 +350,19 @@ def _run_suite(config, workdir, print_table, make_report):
     id_tests[id_name] = extractor.features(id_name, 'test', ev.num_test)
     fitted_all[id_name] = protocol.fit_id_set(config, ev.feature_kinds, fits[id_name],
                                               vals[id_name], syn)
+  ood_tests: dict[str, Mapping[str, np.ndarray]] = {}
+
+  def ood_test(name: str) -> Mapping[str, np.ndarray]:
+    """An OOD set's test features, read once (every method and ID set scores them)."""
+    if name not in ood_tests:
+      ood_tests[name] = extractor.features(name, 'test', ev.num_test)
+    return ood_tests[name]
+
   loo = None
   if config.select.oracle and protocol.SEED_KIND in ev.feature_kinds:
     ood_train = {o: extractor.features(o, 'train', num_val) for o in ev.ood_datasets}
     chosen, loo = protocol.oracle(config, list(ev.id_datasets), fits, vals, ood_train,
-                                  lambda o: extractor.features(o, 'test', ev.num_test),
+                                  ood_test,
                                   id_tests, also=[i for i in id_names if i not in ev.id_datasets])
     for id_name, f in chosen.items():
       fitted_all[id_name][protocol.SEED_KIND + protocol.ORACLE] = f
@@ -391,7 +390,7 @@ def _run_suite(config, workdir, print_table, make_report):
       t_key = f'per_timestep/{method}'
       t_dets = _per_timestep_detectors(fit[t_key], config.seed) if t_key in fit else None
       for _, ood_name, suite in (p for p in pairs if p[0] == id_name):
-        ood = extractor.features(ood_name, 'test', ev.num_test)
+        ood = ood_test(ood_name)
         s_ood = protocol.method_scores(f, method, ood)
         scores[f'{id_name}|{method}|{ood_name}'] = s_ood
         row = dict(id=id_name, ood=ood_name, kind=method, role=protocol.role(method),

@@ -104,10 +104,7 @@ def _main(argv):
       error, failure = _expected_failure(e), e
       if error is None:
         raise
-    from ddm_ood import sharding
-    own, error = error, sharding.first_error(error)
-    if error:
-      _fail(error, failure if own and error.endswith(own) else None)
+    _stop_if_any_failed(error, failure)
     workdir_lib.save_config(config, workdir)  # only once the config has been accepted
     if _MODE.value in ('train', 'all'):
       from ddm_ood import train
@@ -161,9 +158,16 @@ def _start_jax(error, config, distributed=None, exc=None) -> None:
     sharding.maybe_initialize_distributed(coordinator, num, pid, timeout)
   except ValueError as e:
     _fail(str(e))
-  own, error = error, sharding.first_error(error)
-  if error:
-    _fail(error, exc if own and error.endswith(own) else None)
+  _stop_if_any_failed(error, exc)
+
+
+def _stop_if_any_failed(error: str | None, exc: BaseException | None) -> None:
+  """Every process passes its own error (or None); all stop with the first process's error
+  (this process's traceback kept where that error is its own)."""
+  from ddm_ood import sharding
+  first = sharding.first_error(error)
+  if first:
+    _fail(first, exc if error and first.endswith(error) else None)
 
 
 def _score() -> None:

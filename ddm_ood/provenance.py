@@ -21,6 +21,7 @@ from typing import Any
 from absl import logging
 
 from ddm_ood import default_config
+from ddm_ood import settings as settings_lib
 from ddm_ood.config_checks import WorkdirError
 
 SCORES_KEY = 'provenance_json'          # the record's key in eval/scores.npz
@@ -28,7 +29,7 @@ FEATURE_CACHE_FILE = 'provenance.json'  # in each features/step_<N>/ folder
 # The fields that change what the scorer computes for an image (config.scorer's batch size,
 # chunking and memory budget do not).
 _SCORER_SECTIONS = ('scorer', 'diffusion')
-_NOT_RESULTS = ('scorer.batch_size', 'scorer.chunk', 'scorer.memory_budget_gb')
+NOT_RESULTS = ('scorer.batch_size', 'scorer.chunk', 'scorer.memory_budget_gb')
 _DATA_FIELDS = ('image_size', 'channels', 'resize_via')
 
 
@@ -64,19 +65,14 @@ def scorer_settings(config) -> dict[str, Any]:
 
 
 def _settings(config) -> dict[str, Any]:
-  defaults = default_config.get_config()
   out = {'seed': config.seed}
   for section in _SCORER_SECTIONS:
-    for name, value in {**defaults[section].to_dict(), **_as_dict(config[section])}.items():
-      if f'{section}.{name}' not in _NOT_RESULTS:
+    for name, value in settings_lib.section(config[section], section).items():
+      if f'{section}.{name}' not in NOT_RESULTS:
         out[f'{section}.{name}'] = value
-  data = {**defaults.data.to_dict(), **_as_dict(config.data)}
+  data = settings_lib.section(config.data, 'data')
   out.update({f'data.{name}': data[name] for name in _DATA_FIELDS})
   return json.loads(json.dumps(out, default=list))   # tuples -> lists, as a record reads back
-
-
-def _as_dict(section) -> dict:
-  return section.to_dict() if hasattr(section, 'to_dict') else dict(section)
 
 
 def record(step: int, params_sha256: str, config) -> dict[str, Any]:
