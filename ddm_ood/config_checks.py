@@ -59,12 +59,12 @@ def validate_config(config: ml_collections.ConfigDict, mode: str = 'all') -> Non
     raise WorkdirError(f'config.data.resize_via must be -1 (auto), 0 (off) or a size, got '
                        f'{d.resize_via}.')
   m = settings.section(config.model, 'model')
-  if m['family'] not in unet.FAMILY_NAMES:
-    raise WorkdirError(f"Unknown config.model.family {m['family']!r}; choose one of "
-                       f'{unet.FAMILY_NAMES}.')
-  if m['prediction_type'] not in schedule.PREDICTION_TYPES:
-    raise WorkdirError(f"Unknown config.model.prediction_type {m['prediction_type']!r}; choose "
-                       f'one of {schedule.PREDICTION_TYPES}.')
+  try:
+    unet.family(config)
+    schedule.check_prediction_type(m['prediction_type'])
+    network.check_attention(m['attention'])
+  except ValueError as e:
+    raise WorkdirError(str(e)) from e
   if config.diffusion.schedule not in schedule.SCHEDULES:
     raise WorkdirError(f'Unknown config.diffusion.schedule {config.diffusion.schedule!r}; '
                        f'choose one of {schedule.SCHEDULES}.')
@@ -72,9 +72,6 @@ def validate_config(config: ml_collections.ConfigDict, mode: str = 'all') -> Non
     network.check_precision(m['precision'])
   except ValueError as e:
     raise WorkdirError(f"{e} 'highest' = full float32 matmuls on GPU / TPU.") from e
-  if m['attention'] not in network.ATTENTION:
-    raise WorkdirError(f"config.model.attention={m['attention']!r} is not one of "
-                       f'{network.ATTENTION}.')
   if int(config.diffusion.num_timesteps) <= 0:
     raise WorkdirError('config.diffusion.num_timesteps must be positive, got '
                        f'{config.diffusion.num_timesteps}.')

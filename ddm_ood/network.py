@@ -97,6 +97,13 @@ def _cudnn_attention_error(dtype) -> str | None:
     return f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
 
 
+def check_attention(name: str) -> str:
+  """Returns ``name`` if it is one of `ATTENTION`, else raises ValueError naming the field."""
+  if name not in ATTENTION:
+    raise ValueError(f'config.model.attention={name!r} is not one of {ATTENTION}.')
+  return name
+
+
 def resolve_attention(name: str, backend: str, dtype: Any) -> str:
   """``config.model.attention`` -> 'xla' or 'cudnn' for this backend and compute dtype.
 
@@ -104,9 +111,7 @@ def resolve_attention(name: str, backend: str, dtype: Any) -> str:
     ValueError: an unknown name, or 'cudnn' where cuDNN's fused attention cannot run (not a GPU,
       float32, or the probe failed).
   """
-  if name not in ATTENTION:
-    raise ValueError(f'config.model.attention={name!r} is not one of {ATTENTION}.')
-  if name == 'xla':
+  if check_attention(name) == 'xla':
     return name
   usable = backend == 'gpu' and jnp.dtype(dtype) in [jnp.dtype(d) for d in _CUDNN_DTYPES]
   why = _cudnn_attention_error(jnp.dtype(dtype)) if usable else (

@@ -177,6 +177,14 @@ def x0_to_eps(schedule: Schedule, x_t: jax.Array, x0: jax.Array, t: jax.Array) -
 PREDICTION_TYPES = ('epsilon', 'v_prediction', 'sample')
 
 
+def check_prediction_type(name: str) -> str:
+  """``name`` if it is one of `PREDICTION_TYPES`, else a ValueError naming the field."""
+  if name not in PREDICTION_TYPES:
+    raise ValueError(f'Unknown config.model.prediction_type {name!r}; choose one of '
+                     f'{PREDICTION_TYPES}.')
+  return name
+
+
 def prediction_to_eps(schedule: Schedule, out: jax.Array, x_t: jax.Array, t: jax.Array,
                       prediction_type: str) -> jax.Array:
   """eps from a network that predicts ``prediction_type`` (diffusers' names); shapes [B, ...].

@@ -326,9 +326,7 @@ def build_model(config: ml_collections.ConfigDict) -> network.Network:
   net = family(config).build(config, dtype,
                              network.resolve_attention(m['attention'], backend, dtype))
   if m['prediction_type'] != 'epsilon':
-    if m['prediction_type'] not in schedule_lib.PREDICTION_TYPES:
-      raise ValueError(f"Unknown config.model.prediction_type {m['prediction_type']!r}; choose "
-                       f'one of {schedule_lib.PREDICTION_TYPES}.')
+    schedule_lib.check_prediction_type(m['prediction_type'])
     d = settings.section(config.diffusion, 'diffusion')
     net = EpsFromPrediction(net, m['prediction_type'], (
         d['schedule'], int(d['num_timesteps']), float(d['beta_start']), float(d['beta_end'])))
