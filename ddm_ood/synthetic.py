@@ -154,9 +154,7 @@ def _patch_shuffle(x, donor, rng):
 @register('cutpaste', 'broken')
 def _cutpaste(x, donor, rng):
   h, w = x.shape[:2]
-  ph = int(rng.integers(max(1, int(0.3 * h)), max(2, int(0.6 * h)) + 1))
-  pw = int(rng.integers(max(1, int(0.3 * w)), max(2, int(0.6 * w)) + 1))
-  sy, sx = int(rng.integers(0, h - ph + 1)), int(rng.integers(0, w - pw + 1))
+  sy, sx, ph, pw = _rect(h, w, 0.3, 0.6, rng)
   dy, dx = int(rng.integers(0, h - ph + 1)), int(rng.integers(0, w - pw + 1))
   out = x.copy()
   out[dy:dy + ph, dx:dx + pw] = donor[sy:sy + ph, sx:sx + pw]
